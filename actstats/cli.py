@@ -1,0 +1,177 @@
+"""The ``actstats`` command line: parse options, call the library, print.
+
+Library errors become one sentence on stderr and exit code 2 (a traceback
+only with ``--debug``); exit code 1 is kept for ``--fail-on``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from actstats import __version__
+
+EXIT_FLAGGED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Abort(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _guarded(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and exit code 2 (``--debug``: re-raise)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        from actstats.errors import ActStatsError
+
+        try:
+            return command(*args, **kwargs)
+        except ActStatsError as err:
+            if debug:
+                raise
+            click.echo(f"actstats: error: {err}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as err:  # a bug in actstats: still one line, the traceback on request
+            if debug:
+                raise
+            click.echo(
+                f"actstats: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+_debug_option = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="actstats")
+def cli() -> None:
+    """Per-layer activation and gradient statistics for any PyTorch model.
+
+    \b
+    Example:
+      actstats probe examples/cifar_net.py:build --input-shape 3,32,32
+    """
+
+
+def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("model_spec", metavar="MODEL_SPEC"),
+        click.option("--inputs", "inputs_spec", metavar="FILE.py:FN",
+                     help="A callable batch_size -> batch (tensor, tuple or dict of kwargs). "
+                          "Example: --inputs data.py:make_batch"),
+        click.option("--input-shape", metavar="C,H,W",
+                     help="Shape of one sample, batch dim excluded, for models built without "
+                          "example inputs. Example: --input-shape 3,32,32"),
+        click.option("--input-dtype", type=click.Choice(["float", "long"]), default="float",
+                     show_default=True, help="float: standard normal; long: token ids (needs --vocab-size)."),
+        click.option("--vocab-size", type=click.IntRange(min=1), metavar="N",
+                     help="Token ids are drawn uniformly from [0, N) with --input-dtype long."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Samples per probe batch (with --input-shape or --inputs)."),
+        click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Probe batches; statistics are merged exactly over all of them."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds the probe batches, the cotangents and dropout."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                     help="Where to run; auto means cuda when available."),
+        click.option("--eval", "eval_mode", is_flag=True,
+                     help="Probe in eval mode (default: train mode, what training sees)."),
+        click.option("--no-backward", is_flag=True,
+                     help="Forward statistics only; skip the standard-normal cotangent backward."),
+        _debug_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _probe_inputs(loaded: Any, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
+                  vocab_size: int | None, seed: int) -> Any:
+    from actstats import inputs as inputs_mod
+    from actstats.errors import InputError
+    from actstats.loading import load_inputs
+
+    if inputs_spec:
+        return load_inputs(inputs_spec)
+    if input_shape:
+        shape = inputs_mod.parse_shape(input_shape)
+        return inputs_mod.synthetic(shape, dtype=input_dtype, vocab_size=vocab_size, seed=seed)
+    if loaded.example_inputs is None:
+        raise InputError(
+            f"{loaded.spec!r} returned a model without example inputs; pass --input-shape "
+            "(per sample, e.g. 3,32,32) or --inputs file.py:fn"
+        )
+    example = loaded.example_inputs
+    return tuple(example) if isinstance(example, list) else example
+
+
+@cli.command()
+@_model_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="What to print on stdout.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
+              help="Also write the JSON report (schema actstats.report/1) to PATH.")
+@click.option("--eps", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Saturation tolerance: outputs within eps of an asymptote count as saturated.")
+@_guarded
+def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
+          vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
+          eval_mode: bool, no_backward: bool, fmt: str, json_path: str | None, eps: float) -> None:
+    """Probe MODEL_SPEC (path/to/file.py:callable or package.module:callable).
+
+    The callable takes no required arguments and returns a module or a pair
+    (module, example_inputs). Prints one row per layer call: activation
+    mean/std, gradient std, dead and saturated units, measured gain vs He.
+
+    \b
+    Examples:
+      actstats probe examples/cifar_net.py:build --input-shape 3,32,32
+      actstats probe examples/deep_mlp.py:build --format json --json report.json
+    """
+    from actstats import inputs as inputs_mod
+    from actstats.loading import load_model
+    from actstats.probe import probe as run_probe
+    from actstats.table import render
+
+    if input_shape:
+        inputs_mod.parse_shape(input_shape)  # validate options before touching the model
+    loaded = load_model(model_spec)
+    source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
+    report = run_probe(
+        loaded.model, source, batches=batches, batch_size=batch_size, backward=not no_backward,
+        device=device, seed=seed, train=not eval_mode, eps=eps,
+    )
+    for notice in report.notices:
+        click.echo(f"actstats: notice: {notice}", err=True)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            handle.write(report.to_json() + "\n")
+    if fmt == "json":
+        click.echo(report.to_json())
+    elif fmt == "csv":
+        click.echo(report.to_csv(), nl=False)
+    else:
+        click.echo(render(report, color=sys.stdout.isatty()))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,219 @@
+"""``actstats.probe``: run a few batches through a model with hooks and return a Report.
+
+The model is left as it was found: hooks removed, every module's ``training``
+flag restored, buffers (BatchNorm running statistics) restored bitwise, the
+global RNG state untouched, the model moved back to its device, and no
+parameter's ``.grad`` touched (gradients are taken with ``torch.autograd.grad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from actstats import inputs as inputs_mod
+from actstats.errors import ForwardError, InputError, NothingToHookError
+from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
+from actstats.report import InputInfo, LayerReport, Report
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """``auto``/None: the model's own device (cuda for ``auto`` when the model has no parameters)."""
+    if device is None or device == "auto":
+        first = next(iter(model.parameters()), None)
+        if first is not None and device is None:
+            return first.device
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r} is not a torch device; expected auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, device: torch.device, *, train: bool) -> Iterator[None]:
+    """Put ``model`` in the probe's mode and device; restore everything on exit."""
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    params = list(model.parameters())
+    home = params[0].device if params else None
+    moved = home is not None and home != device
+    try:
+        if moved:
+            model.to(device)
+        model.train(train)
+        yield
+    finally:
+        if moved:
+            model.to(home)
+        for module, mode in modes.items():
+            module.training = mode
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved.to(buf.device))
+
+
+def _describe_module(module: nn.Module) -> str:
+    extra = module.extra_repr()
+    return f"{type(module).__name__}, {extra}" if extra else type(module).__name__
+
+
+def _forward_error(err: Exception, recorder: Recorder, batch: Any, root: nn.Module) -> ForwardError:
+    frame = recorder.failing_layer()
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if frame is None or frame.module is root:
+        return ForwardError(
+            f"forward of the model ({type(root).__name__}) failed on inputs "
+            f"{inputs_mod.describe(batch)}: {reason}"
+        )
+    return ForwardError(
+        f"forward failed in layer '{frame.name}' ({_describe_module(frame.module)}) "
+        f"on an input of shape {frame.input_shapes}: {reason}"
+    )
+
+
+def probe(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    batches: int | None = 4,
+    batch_size: int = 32,
+    backward: bool = True,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    train: bool = True,
+    eps: float = 0.01,
+) -> Report:
+    """Probe ``model`` on a few batches and return per-record statistics.
+
+    Args:
+        model: any ``nn.Module`` (a DDP/DataParallel wrapper is looked through).
+        inputs: one batch (a tensor, a tuple of positional tensors, a dict of
+            keyword tensors; ``batches > 1`` adds batches made like it), an
+            iterable of batches (a list, a DataLoader: the first ``batches``),
+            or a callable ``batch_size -> batch`` (called ``batches`` times).
+        batches: number of probe batches (None: all of an iterable; 1 otherwise).
+        batch_size: passed to an ``inputs`` callable.
+        backward: back-propagate a standard-normal cotangent from every floating
+            output that requires grad (unit-variance output gradient).
+        device: ``None`` (the model's device), ``"auto"``, ``"cpu"``, ``"cuda:0"``...
+        seed: seeds the made-alike batches, the cotangents and the model's own
+            randomness (dropout) without disturbing the caller's RNG state.
+        train: probe in train mode (what training sees); False for eval mode.
+        eps: saturation tolerance.
+
+    Returns:
+        A :class:`~actstats.report.Report` with one layer per record, in
+        execution order. Standard deviations are population figures.
+
+    Example:
+        >>> report = actstats.probe(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(8, 4))
+        >>> [layer.name for layer in report.layers]
+        ['0', '1']
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+    root = unwrap(model)
+    target = resolve_device(device, root)
+    generator = torch.Generator().manual_seed(seed)
+    made = inputs_mod.materialize(inputs, batches=batches, batch_size=batch_size, generator=generator)
+    notices: list[str] = []
+    input_parts: list[torch.Tensor] = []
+    first = inputs_mod.first_input(made[0])
+    recorder = Recorder(root, backward=backward, eps=eps)
+    with preserved(root, target, train=train), torch.random.fork_rng(devices=_cuda_devices(target)):
+        torch.manual_seed(seed)
+        with recorder:
+            for index, cpu_batch in enumerate(made):
+                batch = inputs_mod.to_device(cpu_batch, target)
+                x = inputs_mod.first_input(batch)
+                if x is not None:
+                    input_parts.append(_input_summary(x))
+                with torch.enable_grad():
+                    try:
+                        output = inputs_mod.call(root, batch)
+                    except Exception as err:
+                        raise _forward_error(err, recorder, batch, root) from err
+                    if index == 0 and not recorder.records:
+                        raise NothingToHookError(
+                            f"model {type(root).__name__} has nothing to hook: no module with "
+                            "parameters, no leaf module besides the root, and no functional "
+                            "activation was called in its forward"
+                        )
+                    if backward:
+                        note = _backpropagate(root, output, generator, target)
+                        if note and note not in notices:
+                            notices.append(note)
+        summaries = recorder.collect()
+    in_stats = torch.stack(input_parts).sum(0).tolist() if input_parts else [0.0, 0.0, 0.0]
+    n_in, sumsq_in, nonfinite_in = in_stats
+    input_info = InputInfo(
+        shape=tuple(first.shape) if first is not None else (),
+        rms=(sumsq_in / n_in) ** 0.5 if n_in else float("nan"),
+        nonfinite=int(nonfinite_in),
+    )
+    return Report(
+        model=type(root).__name__,
+        device=str(target),
+        batches=len(made),
+        batch_size=_batch_dim(first),
+        input=input_info,
+        layers=tuple(_layer(s) for s in summaries),
+        notices=tuple(notices),
+    )
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _batch_dim(x: torch.Tensor | None) -> int | None:
+    return int(x.shape[0]) if x is not None and x.dim() > 0 else None
+
+
+def _input_summary(x: torch.Tensor) -> torch.Tensor:
+    """``[numel, sum of squares, non-finite count]`` of an input, on its device (float64)."""
+    xf = x.detach().double()
+    finite = torch.isfinite(xf)
+    return torch.stack([xf.new_tensor(float(xf.numel())), xf.square().sum(), (~finite).sum().double()])
+
+
+def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, device: torch.device) -> str | None:
+    """Back-propagate a standard-normal cotangent from every differentiable output.
+
+    Uses ``torch.autograd.grad`` w.r.t. the parameters (and any input that
+    requires grad) so that no ``.grad`` attribute is written.
+    """
+    outs = [t for t in iter_tensors(output) if t.is_floating_point() and t.requires_grad]
+    if not outs:
+        return "the model's output has nothing differentiable; probed forward only (no gradient statistics)"
+    leaves = [p for p in root.parameters() if p.requires_grad]
+    if not leaves:
+        return "no parameter requires grad; probed forward only (no gradient statistics)"
+    cotangents = [
+        torch.randn(t.shape, generator=generator, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        for t in outs
+    ]
+    try:
+        torch.autograd.grad(outs, leaves, cotangents, allow_unused=True)
+    except RuntimeError as err:
+        raise ForwardError(f"backward failed: {str(err).strip().splitlines()[0]}") from err
+    return None
+
+
+def _layer(s: RecordSummary) -> LayerReport:
+    return LayerReport(
+        name=s.name, type=s.type, index=s.index, act=s.act, input_rms=s.input_rms,
+        grad=s.grad, dead_frac=s.dead_frac, saturation=s.saturation,
+    )

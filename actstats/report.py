@@ -1,0 +1,206 @@
+"""The probe's result: :class:`Report`, and its table, JSON and CSV forms (SPEC 6).
+
+JSON follows the schema ``actstats.report/1``; non-finite numbers are written
+as null (the per-record ``nonfinite`` counts say how many there were), so the
+output is always valid JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from actstats.stats import ActStats, GradStats
+
+SCHEMA = "actstats.report/1"
+COMPARE_SCHEMA = "actstats.compare/1"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One diagnosis: ``kind`` raised at ``layer`` because ``value`` crossed ``threshold``."""
+
+    kind: str
+    layer: str
+    message: str
+    value: float | None
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """A parametric layer's weight held against theory (SPEC 5).
+
+    ``std`` is the population std of the weight, ``predicted_gain`` is
+    ``sqrt(fan_in) * weight_rms``, ``measured_gain`` is ``act.rms / input_rms``.
+    ``parts`` holds the same figures per gate / projection for LSTM, GRU and
+    MultiheadAttention (``weight_ih_l0[i]``, ``in_proj_weight[q]``, ...).
+    """
+
+    std: float
+    fan_in: int
+    fan_out: int
+    xavier_std: float
+    he_std: float
+    lecun_std: float
+    expected_std: float
+    reference: str
+    nonlinearity: str
+    predicted_gain: float
+    measured_gain: float | None
+    parts: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One record: one call of a module or of a functional activation."""
+
+    name: str
+    type: str
+    index: int
+    act: ActStats
+    input_rms: float
+    grad: GradStats | None
+    dead_frac: float | None
+    saturation: float | None
+    weight: WeightInfo | None = None
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """The first input tensor: full shape of one batch (batch dim included) and rms over all batches."""
+
+    shape: tuple[int, ...]
+    rms: float
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one probe measured and concluded.
+
+    Attributes:
+        layers: one :class:`LayerReport` per record, in execution order.
+        flags: the raised :class:`Flag` objects.
+        untouched: parameters an ``init`` scheme left alone.
+        notices: remarks for the user (forward-only probing, ...); the CLI writes them to stderr.
+    """
+
+    model: str
+    device: str
+    batches: int
+    batch_size: int | None
+    input: InputInfo
+    layers: tuple[LayerReport, ...]
+    flags: tuple[Flag, ...] = ()
+    init: str = "default"
+    untouched: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
+    schema: str = SCHEMA
+
+    def layer(self, name: str) -> LayerReport:
+        """Return the record called ``name``."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no record named {name!r}; records: {', '.join(l.name for l in self.layers)}")
+
+    def flagged(self, kind: str | None = None) -> list[str]:
+        """Names of the layers flagged (with ``kind``, when given), in flag order."""
+        return [f.layer for f in self.flags if kind is None or f.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict following ``actstats.report/1`` (non-finite numbers as None)."""
+        return _clean({
+            "schema": self.schema,
+            "model": self.model,
+            "init": self.init,
+            "device": self.device,
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+            "input": {"shape": list(self.input.shape), "rms": self.input.rms,
+                      "nonfinite": self.input.nonfinite},
+            "layers": [_layer_dict(layer) for layer in self.layers],
+            "flags": [asdict(f) for f in self.flags],
+            "untouched": list(self.untouched),
+            "notices": list(self.notices),
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialize :meth:`to_dict` as strict JSON (no NaN/Infinity literals)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_csv(self) -> str:
+        """One row per record with flattened columns (``act.mean``, ``grad.std``, ``weight.he_std``, ...)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for layer in self.layers:
+            flat = _flatten(_layer_dict(layer))
+            writer.writerow(["" if flat.get(c) is None else flat[c] for c in CSV_COLUMNS])
+        return buffer.getvalue()
+
+
+CSV_COLUMNS: tuple[str, ...] = (
+    ("name", "type", "index")
+    + tuple(f"act.{f.name}" for f in fields(ActStats))
+    + ("input_rms",)
+    + tuple(f"grad.{f.name}" for f in fields(GradStats))
+    + ("dead_frac", "saturation")
+    + tuple(f"weight.{f.name}" for f in fields(WeightInfo) if f.name != "parts")
+    + ("flags",)
+)
+
+
+def _layer_dict(layer: LayerReport) -> dict[str, Any]:
+    return _clean({
+        "name": layer.name,
+        "type": layer.type,
+        "index": layer.index,
+        "act": asdict(layer.act),
+        "input_rms": layer.input_rms,
+        "grad": asdict(layer.grad) if layer.grad is not None else None,
+        "dead_frac": layer.dead_frac,
+        "saturation": layer.saturation,
+        "weight": _weight_dict(layer.weight),
+        "flags": list(layer.flags),
+    })
+
+
+def _weight_dict(weight: WeightInfo | None) -> dict[str, Any] | None:
+    if weight is None:
+        return None
+    out = {f.name: getattr(weight, f.name) for f in fields(weight) if f.name != "parts"}
+    if weight.parts:
+        out["parts"] = [dict(p) for p in weight.parts]
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """Replace NaN/Inf by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        elif isinstance(value, list):
+            if key != "parts":
+                out[name] = " ".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,182 @@
+"""Streaming, mergeable statistics of tensors.
+
+A hook reduces each tensor it sees, on the tensor's own device, into a small
+float64 vector (a *partial*); nothing leaves the device inside a hook. The
+partials of many calls and batches are merged exactly on the host once, with
+Chan et al.'s parallel formula for the mean and the sum of squared deviations
+(M2), so the result equals the statistic of all values seen together, never
+an average of per-batch figures.
+
+Conventions: standard deviations are population figures (divide by N);
+``rms = sqrt(mean**2 + std**2)``; a partial of a tensor holding NaN or Inf has
+a non-finite mean/M2 and counts those elements in ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Columns of an activation partial.
+A_N, A_MEAN, A_M2, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
+ACT_WIDTH = 10
+# Columns of a gradient partial.
+G_N, G_MEAN, G_M2, G_NONFINITE = range(4)
+GRAD_WIDTH = 4
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` in float32 or wider: statistics never accumulate in fp16/bf16."""
+    x = x.detach()
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.float()
+
+
+def input_partial(x: torch.Tensor) -> torch.Tensor:
+    """Return ``[numel, sum of squares]`` of an input tensor as float64, on its device."""
+    xf = _float(x)
+    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
+    return torch.stack([sumsq.new_tensor(float(xf.numel())), sumsq])
+
+
+def activation_partial(
+    x: torch.Tensor,
+    inputs: torch.Tensor | None,
+    saturation_bounds: tuple[float, float] | None,
+    eps: float,
+) -> torch.Tensor:
+    """Reduce an output tensor into an activation partial (``ACT_WIDTH`` float64 values).
+
+    Args:
+        x: the output of one layer call (any shape, any floating dtype).
+        inputs: that call's :func:`input_partial`, or None when it had no tensor input.
+        saturation_bounds: ``(low, high)`` asymptotes of a saturating activation;
+            outputs within ``eps`` of either count as saturated. None: not counted.
+        eps: the saturation tolerance.
+    """
+    xf = _float(x)
+    n = xf.numel()
+    var, mean = torch.var_mean(xf, correction=0)
+    low, high = torch.aminmax(xf) if n else (mean, mean)
+    zeros = (xf == 0).sum()
+    finite = torch.isfinite(xf).sum()
+    if saturation_bounds is None:
+        saturated = zeros.new_zeros(())
+    else:
+        lo, hi = saturation_bounds
+        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum()
+    head = torch.stack([mean.double(), (var * n).double(), low.double(), high.double()])
+    counts = torch.stack([zeros, n - finite, saturated]).double()
+    n_t = head.new_tensor([float(n)])
+    ins = inputs.to(head.device) if inputs is not None else head.new_tensor([0.0, math.nan])
+    return torch.cat([n_t, head, counts, ins])
+
+
+def gradient_partial(g: torch.Tensor) -> torch.Tensor:
+    """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values)."""
+    gf = _float(g)
+    n = gf.numel()
+    var, mean = torch.var_mean(gf, correction=0)
+    finite = torch.isfinite(gf).sum()
+    return torch.stack([mean.new_tensor(float(n)).double(), mean.double(), (var * n).double(),
+                        (n - finite).double()])
+
+
+def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """Return a bool vector over units along ``unit_dim``: True where any output is > 0."""
+    xf = x.detach()
+    if xf.dim() == 0:
+        return (xf > 0).reshape(1)
+    dims = [d for d in range(xf.dim()) if d != unit_dim % xf.dim()]
+    if not dims:
+        return xf > 0
+    return xf.amax(dim=dims) > 0
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Merged count, mean and population std (``nan`` when non-finite values were seen)."""
+
+    n: float
+    mean: float
+    std: float
+
+    @property
+    def rms(self) -> float:
+        """Root mean square, ``sqrt(mean**2 + std**2)``."""
+        return math.sqrt(self.mean**2 + self.std**2)
+
+
+def merge_moments(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> Moments:
+    """Merge per-call (count, mean, M2) exactly with Chan et al.'s parallel formula.
+
+    ``M2_total = sum(M2_i + n_i * (mean_i - mean_total)**2)``, all in float64.
+    """
+    total = float(n.sum())
+    if total == 0:
+        return Moments(0.0, math.nan, math.nan)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mu = float((n * mean).sum() / total)
+        m2_total = float((m2 + n * (mean - mu) ** 2).sum())
+    std = math.sqrt(m2_total / total) if math.isfinite(m2_total) and m2_total >= 0 else math.nan
+    return Moments(total, mu, std)
+
+
+@dataclass(frozen=True)
+class ActStats:
+    """Statistics of a record's outputs over all probe batches (population std)."""
+
+    mean: float
+    std: float
+    rms: float
+    min: float
+    max: float
+    zero_frac: float
+    numel: int
+    nonfinite: int
+
+
+@dataclass(frozen=True)
+class GradStats:
+    """Statistics of the gradient w.r.t. a record's outputs (population std)."""
+
+    mean: float
+    std: float
+    rms: float
+    nonfinite: int
+
+
+def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, float]:
+    """Merge activation partials (rows) into ``(ActStats, input_rms, saturated_frac)``."""
+    m = merge_moments(parts[:, A_N], parts[:, A_MEAN], parts[:, A_M2])
+    numel = int(m.n)
+    nonfinite = int(parts[:, A_NONFINITE].sum())
+    clean = nonfinite == 0
+    in_n = parts[:, A_IN_N].sum()
+    with np.errstate(invalid="ignore"):
+        in_rms = math.sqrt(parts[:, A_IN_SUMSQ].sum() / in_n) if in_n > 0 else math.nan
+    act = ActStats(
+        mean=m.mean if clean else math.nan,
+        std=m.std if clean else math.nan,
+        rms=m.rms if clean else math.nan,
+        min=float(np.nanmin(parts[:, A_MIN])) if numel and not np.all(np.isnan(parts[:, A_MIN])) else math.nan,
+        max=float(np.nanmax(parts[:, A_MAX])) if numel and not np.all(np.isnan(parts[:, A_MAX])) else math.nan,
+        zero_frac=float(parts[:, A_ZEROS].sum() / numel) if numel else math.nan,
+        numel=numel,
+        nonfinite=nonfinite,
+    )
+    saturated = float(parts[:, A_SATURATED].sum() / numel) if numel else math.nan
+    return act, in_rms, saturated
+
+
+def summarize_gradients(parts: np.ndarray) -> GradStats:
+    """Merge gradient partials (rows) into :class:`GradStats`."""
+    m = merge_moments(parts[:, G_N], parts[:, G_MEAN], parts[:, G_M2])
+    nonfinite = int(parts[:, G_NONFINITE].sum())
+    if nonfinite:
+        return GradStats(math.nan, math.nan, math.nan, nonfinite)
+    return GradStats(m.mean, m.std, m.rms, nonfinite)

@@ -1,0 +1,106 @@
+"""The human-readable table of a Report, sized for an 80-column terminal.
+
+Long layer names are shortened in the middle and numbers written in at most
+seven characters, so a row never wraps; colour is added only when asked
+(the CLI asks when stdout is a terminal).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+from actstats.report import Report
+
+#: One-letter codes for the flags column, in the order they are listed.
+FLAG_CODES = {
+    "nonfinite": "N",
+    "exploding": "E",
+    "vanishing": "V",
+    "exploding_grad": "e",
+    "vanishing_grad": "v",
+    "init_mismatch": "M",
+    "dead_relu": "D",
+    "saturated": "S",
+    "symmetric": "=",
+}
+
+_COLUMNS = (  # (title, width, right-aligned)
+    ("#", 3, True), ("layer", 16, False), ("type", 9, False), ("mean", 7, True),
+    ("std", 7, True), ("grad std", 8, True), ("dead", 4, True), ("sat", 4, True),
+    ("gain/He", 9, True), ("flags", 5, False),
+)
+
+
+def number(x: float | None) -> str:
+    """Format a number in at most 7 characters: ``0.0123``, ``123``, ``1.2e-5``; ``-`` for none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if 0.01 <= abs(x) < 1000:
+        return f"{x:.3g}"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def shorten(text: str, width: int) -> str:
+    """Shorten ``text`` to ``width`` characters by cutting its middle (``encoder.l…out_proj``)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + text[-tail:]
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.0f}"
+
+
+def _gain(report_layer) -> str:  # noqa: ANN001
+    w = report_layer.weight
+    if w is None or w.measured_gain is None or math.isnan(w.measured_gain):
+        return "-"
+    he_gain = w.he_std * math.sqrt(w.fan_in)
+    return f"{number(w.measured_gain)}/{he_gain:.2f}"[:9]
+
+
+def _cell(text: str, width: int, right: bool) -> str:
+    text = shorten(text, width)
+    return text.rjust(width) if right else text.ljust(width)
+
+
+def render(report: Report, *, color: bool = False, width: int = 80) -> str:
+    """Render ``report`` as a table, then its flags with their messages."""
+    from click import style  # click is a dependency; imported here to keep report code free of it
+
+    header = (
+        f"{report.model} on {report.device}: {report.batches} batch(es) of {report.batch_size}, "
+        f"input {tuple(report.input.shape)} rms {number(report.input.rms)}, init {report.init}"
+    )
+    lines = textwrap.wrap(header, width) or [""]
+    lines.append(" ".join(_cell(t, w, r) for t, w, r in _COLUMNS).rstrip())
+    for layer in report.layers:
+        codes = "".join(code for kind, code in FLAG_CODES.items() if kind in layer.flags)
+        cells = (
+            str(layer.index), layer.name, layer.type, number(layer.act.mean), number(layer.act.std),
+            number(layer.grad.std) if layer.grad else "-", _percent(layer.dead_frac),
+            _percent(layer.saturation), _gain(layer), codes,
+        )
+        row = " ".join(_cell(c, w, r) for c, (_, w, r) in zip(cells, _COLUMNS)).rstrip()
+        if color and codes:
+            row = style(row, fg="red" if set(codes) & set("NEVev") else "yellow")
+        lines.append(row)
+    used = [f"{code} {kind}" for kind, code in FLAG_CODES.items() if kind in {f.kind for f in report.flags}]
+    if used:
+        lines.append(shorten("flags: " + ", ".join(used), width))
+    if report.flags:
+        lines.append("")
+        for flag in report.flags:
+            title = style(flag.kind, bold=True) if color else flag.kind
+            lines.extend(textwrap.wrap(f"{title}: {flag.message}", width, subsequent_indent="  "))
+    else:
+        lines.append("no flags raised")
+    return "\n".join(lines)
