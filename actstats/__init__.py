@@ -5,5 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from actstats.errors import ActStatsError
+from actstats.probe import probe
+from actstats.report import Flag, LayerReport, Report
 
-__all__ = ["ActStatsError", "__version__"]
+__all__ = ["ActStatsError", "Flag", "LayerReport", "Report", "__version__", "probe"]

@@ -2,14 +2,15 @@
 
 A hook reduces each tensor it sees, on the tensor's own device, into a small
 float64 vector (a *partial*); nothing leaves the device inside a hook. The
-partials of many calls and batches are merged exactly on the host once, with
-Chan et al.'s parallel formula for the mean and the sum of squared deviations
-(M2), so the result equals the statistic of all values seen together, never
-an average of per-batch figures.
+partials of many calls and batches are merged on the host once by adding
+counts, sums and sums of squares (all accumulated in float64), so the result is
+the statistic of all values seen together, never an average of per-batch
+figures.
 
-Conventions: standard deviations are population figures (divide by N);
-``rms = sqrt(mean**2 + std**2)``; a partial of a tensor holding NaN or Inf has
-a non-finite mean/M2 and counts those elements in ``nonfinite``.
+Conventions: standard deviations are population figures (divide by N),
+``std = sqrt(E[x^2] - E[x]^2)`` from float64 sums; ``rms = sqrt(E[x^2])``;
+a tensor holding NaN or Inf gives non-finite sums and counts those elements
+in ``nonfinite``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 
 # Columns of an activation partial.
-A_N, A_MEAN, A_M2, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
+A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
 ACT_WIDTH = 10
 # Columns of a gradient partial.
-G_N, G_MEAN, G_M2, G_NONFINITE = range(4)
+G_N, G_SUM, G_SUMSQ, G_NONFINITE = range(4)
 GRAD_WIDTH = 4
 
 
@@ -60,8 +61,9 @@ def activation_partial(
     """
     xf = _float(x)
     n = xf.numel()
-    var, mean = torch.var_mean(xf, correction=0)
-    low, high = torch.aminmax(xf) if n else (mean, mean)
+    total = xf.sum(dtype=torch.float64)
+    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
+    low, high = torch.aminmax(xf) if n else (total, total)
     zeros = (xf == 0).sum()
     finite = torch.isfinite(xf).sum()
     if saturation_bounds is None:
@@ -69,7 +71,7 @@ def activation_partial(
     else:
         lo, hi = saturation_bounds
         saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum()
-    head = torch.stack([mean.double(), (var * n).double(), low.double(), high.double()])
+    head = torch.stack([total, sumsq, low.double(), high.double()])
     counts = torch.stack([zeros, n - finite, saturated]).double()
     n_t = head.new_tensor([float(n)])
     ins = inputs.to(head.device) if inputs is not None else head.new_tensor([0.0, math.nan])
@@ -80,10 +82,10 @@ def gradient_partial(g: torch.Tensor) -> torch.Tensor:
     """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values)."""
     gf = _float(g)
     n = gf.numel()
-    var, mean = torch.var_mean(gf, correction=0)
-    finite = torch.isfinite(gf).sum()
-    return torch.stack([mean.new_tensor(float(n)).double(), mean.double(), (var * n).double(),
-                        (n - finite).double()])
+    total = gf.sum(dtype=torch.float64)
+    sumsq = torch.linalg.vector_norm(gf, dtype=torch.float64).square()
+    nonfinite = n - torch.isfinite(gf).sum()
+    return torch.stack([total.new_tensor(float(n)), total, sumsq, nonfinite.double()])
 
 
 def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
@@ -99,31 +101,26 @@ def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Moments:
-    """Merged count, mean and population std (``nan`` when non-finite values were seen)."""
+    """Merged count, mean, population std and rms (``nan`` when non-finite values were seen)."""
 
     n: float
     mean: float
     std: float
-
-    @property
-    def rms(self) -> float:
-        """Root mean square, ``sqrt(mean**2 + std**2)``."""
-        return math.sqrt(self.mean**2 + self.std**2)
+    rms: float
 
 
-def merge_moments(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> Moments:
-    """Merge per-call (count, mean, M2) exactly with Chan et al.'s parallel formula.
-
-    ``M2_total = sum(M2_i + n_i * (mean_i - mean_total)**2)``, all in float64.
-    """
+def merge_moments(n: np.ndarray, sums: np.ndarray, sumsq: np.ndarray) -> Moments:
+    """Merge per-call counts, sums and sums of squares (float64) into mean and population std."""
     total = float(n.sum())
     if total == 0:
-        return Moments(0.0, math.nan, math.nan)
+        return Moments(0.0, math.nan, math.nan, math.nan)
     with np.errstate(invalid="ignore", over="ignore"):
-        mu = float((n * mean).sum() / total)
-        m2_total = float((m2 + n * (mean - mu) ** 2).sum())
-    std = math.sqrt(m2_total / total) if math.isfinite(m2_total) and m2_total >= 0 else math.nan
-    return Moments(total, mu, std)
+        mean = float(sums.sum() / total)
+        mean_square = float(sumsq.sum() / total)
+        var = mean_square - mean * mean
+    std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
+    rms = math.sqrt(mean_square) if math.isfinite(mean_square) else math.nan
+    return Moments(total, mean, std, rms)
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ class GradStats:
 
 def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, float]:
     """Merge activation partials (rows) into ``(ActStats, input_rms, saturated_frac)``."""
-    m = merge_moments(parts[:, A_N], parts[:, A_MEAN], parts[:, A_M2])
+    m = merge_moments(parts[:, A_N], parts[:, A_SUM], parts[:, A_SUMSQ])
     numel = int(m.n)
     nonfinite = int(parts[:, A_NONFINITE].sum())
     clean = nonfinite == 0
@@ -175,7 +172,7 @@ def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, float]:
 
 def summarize_gradients(parts: np.ndarray) -> GradStats:
     """Merge gradient partials (rows) into :class:`GradStats`."""
-    m = merge_moments(parts[:, G_N], parts[:, G_MEAN], parts[:, G_M2])
+    m = merge_moments(parts[:, G_N], parts[:, G_SUM], parts[:, G_SUMSQ])
     nonfinite = int(parts[:, G_NONFINITE].sum())
     if nonfinite:
         return GradStats(math.nan, math.nan, math.nan, nonfinite)
