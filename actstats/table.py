@@ -26,7 +26,7 @@ FLAG_CODES = {
 }
 
 _COLUMNS = (  # (title, width, right-aligned)
-    ("#", 3, True), ("layer", 16, False), ("type", 9, False), ("mean", 7, True),
+    ("#", 3, True), ("layer", 15, False), ("type", 9, False), ("mean", 7, True),
     ("std", 7, True), ("grad std", 8, True), ("dead", 4, True), ("sat", 4, True),
     ("gain/He", 9, True), ("flags", 5, False),
 )
@@ -42,8 +42,12 @@ def number(x: float | None) -> str:
         return "0"
     if 0.01 <= abs(x) < 1000:
         return f"{x:.3g}"
-    mantissa, exponent = f"{x:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    for digits in (1, 0):
+        mantissa, exponent = f"{x:.{digits}e}".split("e")
+        text = f"{mantissa}e{int(exponent)}"
+        if len(text) <= 7:
+            break
+    return text
 
 
 def shorten(text: str, width: int) -> str:

@@ -1,0 +1,92 @@
+"""Report serialization: the actstats.report/1 schema, strict JSON, CSV and the 80-column table."""
+
+import csv
+import io
+import json
+
+import torch
+from torch import nn
+
+import actstats
+from actstats.report import CSV_COLUMNS
+from actstats.table import number, render, shorten
+
+LAYER_KEYS = {"name", "type", "index", "act", "input_rms", "grad", "dead_frac", "saturation", "weight", "flags"}
+ACT_KEYS = {"mean", "std", "rms", "min", "max", "zero_frac", "numel", "nonfinite"}
+GRAD_KEYS = {"mean", "std", "rms", "nonfinite"}
+TOP_KEYS = {"schema", "model", "init", "device", "batches", "batch_size", "input", "layers", "flags", "untouched"}
+
+
+def validate_report(doc: dict) -> None:
+    """Check a JSON report against the field names and types of SPEC section 6."""
+    assert TOP_KEYS <= set(doc), TOP_KEYS - set(doc)
+    assert doc["schema"] == "actstats.report/1"
+    assert isinstance(doc["input"]["shape"], list) and "rms" in doc["input"]
+    assert isinstance(doc["flags"], list) and isinstance(doc["untouched"], list)
+    for i, layer in enumerate(doc["layers"]):
+        assert set(layer) == LAYER_KEYS and layer["index"] == i
+        assert set(layer["act"]) == ACT_KEYS
+        assert layer["grad"] is None or set(layer["grad"]) == GRAD_KEYS
+        assert isinstance(layer["flags"], list)
+    for flag in doc["flags"]:
+        assert set(flag) == {"kind", "layer", "message", "value", "threshold"}
+
+
+def _report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid())
+    return actstats.probe(model, torch.randn(16, 4), batches=2)
+
+
+def test_json_follows_the_schema_and_round_trips_the_numbers():
+    report = _report()
+    doc = json.loads(report.to_json())
+    validate_report(doc)
+    assert doc == report.to_dict()
+    assert doc["layers"][1]["dead_frac"] == report.layers[1].dead_frac
+    assert doc["layers"][3]["saturation"] == report.layers[3].saturation
+    assert doc["layers"][0]["act"]["std"] == report.layers[0].act.std
+    assert doc["input"]["shape"] == [16, 4] and doc["batch_size"] == 16 and doc["batches"] == 2
+
+
+def test_non_finite_numbers_become_null():
+    x = torch.full((2, 3), float("inf"))
+    doc = json.loads(actstats.probe(nn.Linear(3, 3), x, batches=1).to_json())
+    validate_report(doc)
+    assert doc["layers"][0]["act"]["mean"] is None and doc["layers"][0]["act"]["nonfinite"] == 6
+    assert doc["input"]["rms"] is None and doc["input"]["nonfinite"] == 6
+
+
+def test_csv_has_one_row_per_record_and_fixed_columns():
+    report = _report()
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["name"] for r in rows] == [l.name for l in report.layers]
+    assert float(rows[2]["act.std"]) == report.layers[2].act.std
+    assert rows[0]["dead_frac"] == "" and float(rows[1]["dead_frac"]) == report.layers[1].dead_frac
+
+
+def test_table_fits_80_columns_for_a_50_layer_model():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder_with_a_long_name = nn.Sequential(
+                *[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(50)])
+
+        def forward(self, x):
+            return self.encoder_with_a_long_name(x)
+
+    report = actstats.probe(Deep(), torch.randn(4, 8), batches=1)
+    text = render(report)
+    lines = text.splitlines()
+    assert len(report.layers) == 100 and len(lines) >= 102
+    assert max(len(line) for line in lines) <= 80
+    assert "encoder…" in lines[2]  # long names shortened in the middle, not wrapped
+    assert "\x1b[" not in text  # no colour unless asked
+
+
+def test_number_format_is_at_most_seven_characters():
+    for x in [0.0, 1.0, -0.0123, 123.456, -999.9, 1.234e-5, -1.234e-12, 5.6e7, float("nan"), None]:
+        assert len(number(x)) <= 7, number(x)
+    assert number(1.234e-5) == "1.2e-5" and number(0.5) == "0.5" and number(None) == "-"
+    assert shorten("layer1.0.downsample.conv", 12) == "layer…e.conv"
