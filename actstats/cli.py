@@ -67,6 +67,39 @@ def cli() -> None:
     """
 
 
+def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    from actstats.diagnose import FLAG_KINDS
+
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    for kind in kinds:
+        if kind != "any" and kind not in FLAG_KINDS:
+            raise click.BadParameter(f"unknown flag kind {kind!r}; expected 'any' or some of: {', '.join(FLAG_KINDS)}")
+    return frozenset(kinds)
+
+
+def _parse_thresholds(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    from dataclasses import fields
+
+    from actstats.diagnose import Thresholds
+
+    known = [f.name for f in fields(Thresholds)]
+    out: dict[str, float] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise click.BadParameter(f"{item!r} is not KIND=VALUE with KIND one of: {', '.join(known)}")
+        try:
+            number = float(raw)
+        except ValueError:
+            number = float("nan")
+        if not number > 0:
+            raise click.BadParameter(f"{item!r}: the value must be a positive number")
+        out[key] = number
+    return out
+
+
 def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("model_spec", metavar="MODEL_SPEC"),
@@ -127,10 +160,18 @@ def _probe_inputs(loaded: Any, inputs_spec: str | None, input_shape: str | None,
               help="Also write the JSON report (schema actstats.report/1) to PATH.")
 @click.option("--eps", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Saturation tolerance: outputs within eps of an asymptote count as saturated.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="KIND=VALUE", callback=_parse_thresholds,
+              help="Override a flag threshold (repeatable). Defaults: vanishing/exploding/"
+                   "vanishing_grad/exploding_grad=10 (factor), init_mismatch=2 (factor), "
+                   "dead_relu=0.5, saturated=0.5 (fractions). Example: --threshold dead_relu=0.3")
+@click.option("--fail-on", callback=_parse_fail_on, metavar="KIND[,KIND...]|any",
+              help="Exit with code 1 when a flag of a listed kind is raised (for CI). "
+                   "Example: --fail-on vanishing,nonfinite")
 @_guarded
 def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
           vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
-          eval_mode: bool, no_backward: bool, fmt: str, json_path: str | None, eps: float) -> None:
+          eval_mode: bool, no_backward: bool, fmt: str, json_path: str | None, eps: float,
+          thresholds: dict[str, float], fail_on: frozenset[str]) -> None:
     """Probe MODEL_SPEC (path/to/file.py:callable or package.module:callable).
 
     The callable takes no required arguments and returns a module or a pair
@@ -153,7 +194,7 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
     source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
     report = run_probe(
         loaded.model, source, batches=batches, batch_size=batch_size, backward=not no_backward,
-        device=device, seed=seed, train=not eval_mode, eps=eps,
+        device=device, seed=seed, train=not eval_mode, eps=eps, thresholds=thresholds,
     )
     for notice in report.notices:
         click.echo(f"actstats: notice: {notice}", err=True)
@@ -166,6 +207,15 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
         click.echo(report.to_csv(), nl=False)
     else:
         click.echo(render(report, color=sys.stdout.isatty()))
+    _exit_for_flags(report, fail_on)
+
+
+def _exit_for_flags(report: Any, fail_on: frozenset[str]) -> None:
+    raised = {flag.kind for flag in report.flags}
+    hit = raised if "any" in fail_on else raised & fail_on
+    if hit:
+        click.echo(f"actstats: failing: flag(s) raised: {', '.join(sorted(hit))}", err=True)
+        sys.exit(EXIT_FLAGGED)
 
 
 def main() -> None:

@@ -135,6 +135,7 @@ class RecordSummary:
     activation: Activation | None
     act: stats.ActStats
     input_rms: float
+    input_numel: int
     grad: stats.GradStats | None
     dead_frac: float | None
     saturation: float | None
@@ -366,12 +367,12 @@ class Recorder:
                 dead, units = flat[pos:pos + 2]
                 pos += 2
                 dead_frac = float(dead / units)
-            act, input_rms, saturated = stats.summarize_activations(act_rows)
+            act, input_rms, input_numel, saturated = stats.summarize_activations(act_rows)
             grad = stats.summarize_gradients(grad_rows) if n_grad else None
             family = s.activation.family if s.activation else None
             out.append(RecordSummary(
                 name=s.name, type=s.type, index=s.index, module_name=s.module_name,
-                activation=s.activation, act=act, input_rms=input_rms, grad=grad,
+                activation=s.activation, act=act, input_rms=input_rms, input_numel=input_numel, grad=grad,
                 dead_frac=dead_frac, saturation=saturated if family == "saturating" else None,
             ))
         return out

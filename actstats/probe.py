@@ -9,7 +9,7 @@ parameter's ``.grad`` touched (gradients are taken with ``torch.autograd.grad``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ from torch import nn
 
 from actstats import inputs as inputs_mod
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
-from actstats.report import InputInfo, LayerReport, Report
+from actstats.diagnose import Thresholds, diagnose
+from actstats.hooks import Recorder, iter_tensors, unwrap
+from actstats.report import InputInfo, Report
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -92,6 +93,7 @@ def probe(
     seed: int = 0,
     train: bool = True,
     eps: float = 0.01,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
 ) -> Report:
     """Probe ``model`` on a few batches and return per-record statistics.
 
@@ -110,6 +112,8 @@ def probe(
             randomness (dropout) without disturbing the caller's RNG state.
         train: probe in train mode (what training sees); False for eval mode.
         eps: saturation tolerance.
+        thresholds: flag thresholds, a :class:`~actstats.diagnose.Thresholds` or
+            a dict of overrides such as ``{"dead_relu": 0.3}``.
 
     Returns:
         A :class:`~actstats.report.Report` with one layer per record, in
@@ -123,6 +127,10 @@ def probe(
     if not isinstance(model, nn.Module):
         raise InputError(f"model is a {type(model).__name__}, not a torch.nn.Module")
     root = unwrap(model)
+    try:
+        limits = Thresholds.from_mapping(thresholds)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     target = resolve_device(device, root)
     generator = torch.Generator().manual_seed(seed)
     made = inputs_mod.materialize(inputs, batches=batches, batch_size=batch_size, generator=generator)
@@ -154,20 +162,17 @@ def probe(
                         if note and note not in notices:
                             notices.append(note)
         summaries = recorder.collect()
-    in_stats = torch.stack(input_parts).sum(0).tolist() if input_parts else [0.0, 0.0, 0.0]
-    n_in, sumsq_in, nonfinite_in = in_stats
-    input_info = InputInfo(
-        shape=tuple(first.shape) if first is not None else (),
-        rms=(sumsq_in / n_in) ** 0.5 if n_in else float("nan"),
-        nonfinite=int(nonfinite_in),
-    )
+        input_info = _input_info(input_parts, first)
+        layers, flags = diagnose(summaries, dict(root.named_modules()), input_info,
+                                 batches=len(made), thresholds=limits, eps=eps)
     return Report(
         model=type(root).__name__,
         device=str(target),
         batches=len(made),
         batch_size=_batch_dim(first),
         input=input_info,
-        layers=tuple(_layer(s) for s in summaries),
+        layers=layers,
+        flags=flags,
         notices=tuple(notices),
     )
 
@@ -212,8 +217,11 @@ def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, dev
     return None
 
 
-def _layer(s: RecordSummary) -> LayerReport:
-    return LayerReport(
-        name=s.name, type=s.type, index=s.index, act=s.act, input_rms=s.input_rms,
-        grad=s.grad, dead_frac=s.dead_frac, saturation=s.saturation,
+def _input_info(parts: list[torch.Tensor], first: torch.Tensor | None) -> InputInfo:
+    """Shape of the first input tensor and its rms / non-finite count over all batches."""
+    n, sumsq, nonfinite = torch.stack(parts).sum(0).tolist() if parts else (0.0, 0.0, 0.0)
+    return InputInfo(
+        shape=tuple(first.shape) if first is not None else (),
+        rms=(sumsq / n) ** 0.5 if n else float("nan"),
+        nonfinite=int(nonfinite),
     )

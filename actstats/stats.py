@@ -147,8 +147,8 @@ class GradStats:
     nonfinite: int
 
 
-def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, float]:
-    """Merge activation partials (rows) into ``(ActStats, input_rms, saturated_frac)``."""
+def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, int, float]:
+    """Merge activation partials (rows) into ``(ActStats, input_rms, input_numel, saturated_frac)``."""
     m = merge_moments(parts[:, A_N], parts[:, A_SUM], parts[:, A_SUMSQ])
     numel = int(m.n)
     nonfinite = int(parts[:, A_NONFINITE].sum())
@@ -167,7 +167,7 @@ def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, float]:
         nonfinite=nonfinite,
     )
     saturated = float(parts[:, A_SATURATED].sum() / numel) if numel else math.nan
-    return act, in_rms, saturated
+    return act, in_rms, int(in_n), saturated
 
 
 def summarize_gradients(parts: np.ndarray) -> GradStats:

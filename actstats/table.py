@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import textwrap
 
-from actstats.report import Report
+from actstats.report import LayerReport, Report
+
+#: Messages shown per flag kind before the rest are summarized in one line.
+MESSAGES_PER_KIND = 3
 
 #: One-letter codes for the flags column, in the order they are listed.
 FLAG_CODES = {
@@ -63,12 +66,24 @@ def _percent(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{100 * x:.0f}"
 
 
-def _gain(report_layer) -> str:  # noqa: ANN001
-    w = report_layer.weight
+def _four(x: float) -> str:
+    """A non-negative number in at most four characters: ``0.41``, ``22.6``, ``512``, ``3e5``."""
+    if not math.isfinite(x):
+        return "inf" if x > 0 else "-"
+    if x != 0 and x < 0.005:
+        return f"{x:.0e}".replace("e-0", "e-")[:4]
+    for limit, text in ((9.995, f"{x:.2f}"), (99.95, f"{x:.1f}"), (9999.5, f"{x:.0f}")):
+        if x < limit:
+            return text
+    return f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _gain(layer: LayerReport) -> str:
+    """Measured gain (output rms / input rms) against He's gain for the following nonlinearity."""
+    w = layer.weight
     if w is None or w.measured_gain is None or math.isnan(w.measured_gain):
         return "-"
-    he_gain = w.he_std * math.sqrt(w.fan_in)
-    return f"{number(w.measured_gain)}/{he_gain:.2f}"[:9]
+    return f"{_four(w.measured_gain)}/{_four(w.he_std * math.sqrt(w.fan_in))}"
 
 
 def _cell(text: str, width: int, right: bool) -> str:
@@ -102,9 +117,19 @@ def render(report: Report, *, color: bool = False, width: int = 80) -> str:
         lines.append(shorten("flags: " + ", ".join(used), width))
     if report.flags:
         lines.append("")
+        shown: dict[str, list[str]] = {}
         for flag in report.flags:
-            title = style(flag.kind, bold=True) if color else flag.kind
-            lines.extend(textwrap.wrap(f"{title}: {flag.message}", width, subsequent_indent="  "))
+            layers = shown.setdefault(flag.kind, [])
+            layers.append(flag.layer)
+            if len(layers) <= MESSAGES_PER_KIND:
+                title = style(flag.kind, bold=True) if color else flag.kind
+                lines.extend(textwrap.wrap(f"{title}: {flag.message}", width, subsequent_indent="  "))
+        for kind, layers in shown.items():
+            if len(layers) > MESSAGES_PER_KIND:
+                rest = layers[MESSAGES_PER_KIND:]
+                lines.extend(textwrap.wrap(
+                    f"{kind}: also on {len(rest)} more layer(s): {', '.join(rest)} (all in --format json)",
+                    width, subsequent_indent="  "))
     else:
         lines.append("no flags raised")
     return "\n".join(lines)

@@ -205,3 +205,78 @@ def functional_activation(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     if nonlinearity == "softsign":
         return Activation("softsign", family="saturating", low=-1.0, high=1.0)
     return Activation(nonlinearity)
+
+
+# --- parametric layers ---------------------------------------------------------------
+
+#: Normalization layers: they rescale whatever they receive, so the weight scale
+#: of the layer before them does not compound across depth.
+NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
+_GATE_NONLINEARITY = {"i": "sigmoid", "f": "sigmoid", "o": "sigmoid", "r": "sigmoid", "z": "sigmoid",
+                      "g": "tanh", "n": "tanh"}
+
+
+@dataclass(frozen=True)
+class WeightPart:
+    """A weight (or a chunk of one) that theory judges on its own.
+
+    Attributes:
+        name: ``weight`` for a plain layer; ``weight_ih_l0[f]`` for an LSTM gate,
+            ``in_proj_weight[q]`` for an attention projection.
+        tensor: the weight values (a view into the parameter).
+        nonlinearity: the activation applied to this part's output inside the
+            layer (an RNN gate's sigmoid/tanh, ``linear`` for attention
+            projections), or None when it is whatever follows the layer.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    nonlinearity: str | None = None
+
+
+def is_parametric(module: nn.Module) -> bool:
+    """True for the layer types theory judges (SPEC 5)."""
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.Bilinear,
+                               nn.RNNBase, nn.MultiheadAttention))
+
+
+def weight_parts(module: nn.Module) -> list[WeightPart]:
+    """Split a parametric layer's weights into the parts theory judges separately.
+
+    Linear, ConvNd, ConvTransposeNd, Embedding and Bilinear have one part. RNN,
+    LSTM and GRU have one part per gate chunk of every ``weight_ih_l*`` and
+    ``weight_hh_l*`` (LSTM chunks ``[i, f, g, o]``, GRU ``[r, z, n]``, the layout
+    of ``torch.nn.LSTM``). MultiheadAttention has q, k and v parts (chunks of
+    ``in_proj_weight``, or the separate ``*_proj_weight``) and ``out_proj``.
+    """
+    if isinstance(module, nn.RNNBase):
+        parts = []
+        gates = _GATES.get(module.mode)
+        for name, param in module.named_parameters(recurse=False):
+            if not name.startswith("weight_"):
+                continue
+            if name.startswith("weight_hr"):  # LSTM projection: a plain linear map
+                parts.append(WeightPart(name, param.detach(), "linear"))
+            elif gates is None:  # RNN_TANH / RNN_RELU
+                parts.append(WeightPart(name, param.detach(), "relu" if module.mode == "RNN_RELU" else "tanh"))
+            else:
+                for gate, chunk in zip(gates, param.detach().chunk(len(gates), 0)):
+                    parts.append(WeightPart(f"{name}[{gate}]", chunk, _GATE_NONLINEARITY[gate]))
+        return parts
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            q, k, v = module.in_proj_weight.detach().chunk(3, 0)
+            parts = [WeightPart(f"in_proj_weight[{n}]", t, "linear") for n, t in zip("qkv", (q, k, v))]
+        else:
+            parts = [WeightPart(f"{n}_proj_weight", getattr(module, f"{n}_proj_weight").detach(), "linear")
+                     for n in "qkv"]
+        parts.append(WeightPart("out_proj.weight", module.out_proj.weight.detach(), None))
+        return parts
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        return [WeightPart("weight", weight.detach())]
+    return []

@@ -233,7 +233,8 @@ def test_nonfinite_inputs_are_reported_not_raised():
     assert report.layers[0].act.nonfinite == 3  # the NaN spreads over one row of 3 outputs
     assert math.isnan(report.layers[0].act.mean)
     text = report.to_json()
-    assert "NaN" not in text and '"mean": null' in text
+    assert ": NaN" not in text and '"mean": null' in text  # strict JSON: no NaN literal
+    assert [(f.kind, f.layer) for f in report.flags][:1] == [("nonfinite", "input")]
 
 
 def _hook_counts(model):

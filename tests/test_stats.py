@@ -18,7 +18,7 @@ def test_merge_equals_statistics_of_the_union():
     gen = torch.Generator().manual_seed(0)
     # Chunks of different sizes and very different means: a naive average of stds would be wrong.
     chunks = [torch.randn(n, generator=gen) * s + m for n, s, m in [(10, 1.0, 5.0), (1000, 3.0, -2.0), (37, 0.1, 0.0)]]
-    act, _, _ = _merge_act(chunks)
+    act, *_ = _merge_act(chunks)
     union = torch.cat(chunks).double()
     assert act.numel == 1047
     assert act.mean == pytest.approx(float(union.mean()), rel=1e-6)
@@ -31,14 +31,14 @@ def test_merge_is_stable_for_a_large_offset():
     # Values 1e4 + N(0, 1): E[x^2] - E[x]^2 in float32 would lose every digit of the variance.
     gen = torch.Generator().manual_seed(1)
     chunks = [1e4 + torch.randn(5000, generator=gen) for _ in range(4)]
-    act, _, _ = _merge_act(chunks)
+    act, *_ = _merge_act(chunks)
     union = torch.cat(chunks).double()
     assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-3)
 
 
 def test_counts_zeros_nonfinite_and_saturation():
     x = torch.tensor([0.0, 0.0, 0.005, 0.5, 0.995, 1.0, float("nan"), float("inf")])
-    act, _, saturated = _merge_act([x], bounds=(0.0, 1.0), eps=0.01)
+    act, _, _, saturated = _merge_act([x], bounds=(0.0, 1.0), eps=0.01)
     assert act.zero_frac == 2 / 8
     assert act.nonfinite == 2
     assert math.isnan(act.mean) and math.isnan(act.std)
@@ -49,13 +49,13 @@ def test_counts_zeros_nonfinite_and_saturation():
 def test_input_partial_gives_rms():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     part = stats.activation_partial(x, stats.input_partial(x), None, 0.01)
-    _, input_rms, _ = stats.summarize_activations(part[None].numpy())
-    assert input_rms == pytest.approx(math.sqrt(25 / 4))
+    _, input_rms, input_numel, _ = stats.summarize_activations(part[None].numpy())
+    assert input_rms == pytest.approx(math.sqrt(25 / 4)) and input_numel == 4
 
 
 def test_half_precision_is_accumulated_in_float32():
     x = torch.full((70000,), 1.0, dtype=torch.float16)  # an fp16 sum would overflow at 65504
-    act, _, _ = _merge_act([x])
+    act, *_ = _merge_act([x])
     assert act.mean == 1.0 and act.numel == 70000
     assert act.std == pytest.approx(0.0, abs=1e-7)  # sqrt of a float64 rounding error
 
