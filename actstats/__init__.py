@@ -5,7 +5,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from actstats.errors import ActStatsError
+from actstats.diagnose import Thresholds
 from actstats.probe import probe
 from actstats.report import Flag, LayerReport, Report
+from actstats.schemes import InitSummary, init_weights
 
-__all__ = ["ActStatsError", "Flag", "LayerReport", "Report", "__version__", "probe"]
+__all__ = [
+    "ActStatsError", "Flag", "InitSummary", "LayerReport", "Report", "Thresholds",
+    "__version__", "init_weights", "probe",
+]

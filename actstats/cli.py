@@ -56,6 +56,19 @@ def _guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 _debug_option = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 
 
+class _SchemeHelpOption(click.Option):
+    """An option whose help lists the init schemes, read from the registry only when shown."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from actstats.schemes import ALIASES, SCHEME_NAMES
+
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        aliases = ", ".join(f"{alias}={name}" for alias, name in ALIASES.items())
+        return record[0], f"{record[1]} Schemes: {', '.join(SCHEME_NAMES)} (aliases: {aliases})."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="actstats")
 def cli() -> None:
@@ -125,6 +138,16 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Probe in eval mode (default: train mode, what training sees)."),
         click.option("--no-backward", is_flag=True,
                      help="Forward statistics only; skip the standard-normal cotangent backward."),
+        click.option("--eps", type=click.FloatRange(min=0), default=0.01, show_default=True,
+                     help="Saturation tolerance: outputs within eps of an asymptote count as saturated."),
+        click.option("--threshold", "thresholds", multiple=True, metavar="KIND=VALUE",
+                     callback=_parse_thresholds,
+                     help="Override a flag threshold (repeatable). Defaults: vanishing/exploding/"
+                          "vanishing_grad/exploding_grad=10 (factor), init_mismatch=2 (factor), "
+                          "dead_relu=0.5, saturated=0.5 (fractions). Example: --threshold dead_relu=0.3"),
+        click.option("--fail-on", callback=_parse_fail_on, metavar="KIND[,KIND...]|any",
+                     help="Exit with code 1 when a flag of a listed kind is raised (for CI). "
+                          "Example: --fail-on vanishing,nonfinite"),
         _debug_option,
     ]
     for option in reversed(options):
@@ -158,20 +181,14 @@ def _probe_inputs(loaded: Any, inputs_spec: str | None, input_shape: str | None,
               show_default=True, help="What to print on stdout.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the JSON report (schema actstats.report/1) to PATH.")
-@click.option("--eps", type=click.FloatRange(min=0), default=0.01, show_default=True,
-              help="Saturation tolerance: outputs within eps of an asymptote count as saturated.")
-@click.option("--threshold", "thresholds", multiple=True, metavar="KIND=VALUE", callback=_parse_thresholds,
-              help="Override a flag threshold (repeatable). Defaults: vanishing/exploding/"
-                   "vanishing_grad/exploding_grad=10 (factor), init_mismatch=2 (factor), "
-                   "dead_relu=0.5, saturated=0.5 (fractions). Example: --threshold dead_relu=0.3")
-@click.option("--fail-on", callback=_parse_fail_on, metavar="KIND[,KIND...]|any",
-              help="Exit with code 1 when a flag of a listed kind is raised (for CI). "
-                   "Example: --fail-on vanishing,nonfinite")
+@click.option("--init", "init", cls=_SchemeHelpOption, metavar="SCHEME[:KEY=VALUE,...]",
+              help="Re-initialize the weights before probing. Example: --init kaiming, "
+                   "--init constant:val=0.0042,bias=0.0042")
 @_guarded
 def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
           vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
           eval_mode: bool, no_backward: bool, fmt: str, json_path: str | None, eps: float,
-          thresholds: dict[str, float], fail_on: frozenset[str]) -> None:
+          thresholds: dict[str, float], fail_on: frozenset[str], init: str | None) -> None:
     """Probe MODEL_SPEC (path/to/file.py:callable or package.module:callable).
 
     The callable takes no required arguments and returns a module or a pair
@@ -186,15 +203,18 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
     from actstats import inputs as inputs_mod
     from actstats.loading import load_model
     from actstats.probe import probe as run_probe
+    from actstats.schemes import parse_scheme
     from actstats.table import render
 
     if input_shape:
         inputs_mod.parse_shape(input_shape)  # validate options before touching the model
+    if init:
+        parse_scheme(init)
     loaded = load_model(model_spec)
     source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
     report = run_probe(
         loaded.model, source, batches=batches, batch_size=batch_size, backward=not no_backward,
-        device=device, seed=seed, train=not eval_mode, eps=eps, thresholds=thresholds,
+        device=device, seed=seed, train=not eval_mode, eps=eps, thresholds=thresholds, init=init,
     )
     for notice in report.notices:
         click.echo(f"actstats: notice: {notice}", err=True)
@@ -216,6 +236,77 @@ def _exit_for_flags(report: Any, fail_on: frozenset[str]) -> None:
     if hit:
         click.echo(f"actstats: failing: flag(s) raised: {', '.join(sorted(hit))}", err=True)
         sys.exit(EXIT_FLAGGED)
+
+
+@cli.command()
+@_model_options
+@click.option("--inits", cls=_SchemeHelpOption, default="default,xavier,kaiming,lecun", show_default=True,
+              metavar="SCHEME,SCHEME,...", help="The init schemes to compare, comma-separated.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="What to print on stdout (json: schema actstats.compare/1).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
+              help="Also write the actstats.compare/1 JSON document to PATH.")
+@_guarded
+def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
+            vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
+            eval_mode: bool, no_backward: bool, eps: float, thresholds: dict[str, float],
+            fail_on: frozenset[str], inits: str, fmt: str, json_path: str | None) -> None:
+    """Compare init schemes on MODEL_SPEC: the same batches, one row per scheme, a verdict.
+
+    Each scheme re-initializes a fresh copy of the model as built; the best
+    scheme raises the fewest severe flags (vanishing, exploding, non-finite,
+    symmetric), then the fewest flags, then has the layer gain closest to theory.
+    --fail-on applies to the best scheme.
+
+    \b
+    Examples:
+      actstats compare examples/deep_mlp.py:build --inits default,xavier,kaiming
+      actstats compare examples/mobilenet_v2.py:build --inits normal:std=0.05,xavier,kaiming
+    """
+    import json
+
+    from actstats import inputs as inputs_mod
+    from actstats.compare import compare as run_compare
+    from actstats.loading import load_model
+    from actstats.schemes import parse_scheme
+    from actstats.table import render_comparison
+
+    schemes = [s.strip() for s in _split_schemes(inits) if s.strip()]
+    if input_shape:
+        inputs_mod.parse_shape(input_shape)
+    for scheme in schemes:
+        parse_scheme(scheme)
+    loaded = load_model(model_spec)
+    source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
+    result = run_compare(
+        loaded.model, source, schemes, batches=batches, batch_size=batch_size,
+        backward=not no_backward, device=device, seed=seed, train=not eval_mode, eps=eps,
+        thresholds=thresholds,
+    )
+    for scheme, report in result.reports.items():
+        for notice in report.notices:
+            click.echo(f"actstats: notice: [{scheme}] {notice}", err=True)
+    text = json.dumps(result.to_dict(), indent=2, allow_nan=False)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    if fmt == "json":
+        click.echo(text)
+    else:
+        click.echo(render_comparison(result, color=sys.stdout.isatty()))
+    _exit_for_flags(result.reports[result.best], fail_on)
+
+
+def _split_schemes(text: str) -> list[str]:
+    """Split ``a,b:key=1,key2=2,c`` into schemes: a comma starts a new scheme unless
+    what follows it is a ``key=value`` parameter of the scheme before."""
+    out: list[str] = []
+    for piece in text.split(","):
+        if out and "=" in piece and ":" in out[-1] and ":" not in piece:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
 
 
 def main() -> None:

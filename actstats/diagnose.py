@@ -151,6 +151,17 @@ def _context(summaries: Sequence[RecordSummary], modules: Mapping[str, nn.Module
     return out
 
 
+def following_activations(
+    summaries: Sequence[RecordSummary], modules: Mapping[str, nn.Module]
+) -> dict[nn.Module, theory.Activation]:
+    """Map each module of a traced forward to the activation that follows it (first call wins)."""
+    found: dict[nn.Module, theory.Activation] = {}
+    for layer in _context(summaries, modules):
+        if layer.module is not None and layer.following is not None:
+            found.setdefault(layer.module, layer.following)
+    return found
+
+
 def _part_info(part: theory.WeightPart, following: theory.Activation | None) -> dict[str, object]:
     w = part.tensor.detach().double()
     if part.nonlinearity is not None:
@@ -458,4 +469,4 @@ def diagnose(
     return reports, flags
 
 
-__all__ = ["FLAG_KINDS", "Thresholds", "diagnose"]
+__all__ = ["FLAG_KINDS", "Thresholds", "diagnose", "following_activations"]

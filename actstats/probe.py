@@ -17,9 +17,10 @@ from torch import nn
 
 from actstats import inputs as inputs_mod
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.diagnose import Thresholds, diagnose
+from actstats.diagnose import Thresholds, diagnose, following_activations
 from actstats.hooks import Recorder, iter_tensors, unwrap
 from actstats.report import InputInfo, Report
+from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -94,6 +95,7 @@ def probe(
     train: bool = True,
     eps: float = 0.01,
     thresholds: Thresholds | Mapping[str, float] | None = None,
+    init: str | None = None,
 ) -> Report:
     """Probe ``model`` on a few batches and return per-record statistics.
 
@@ -114,6 +116,10 @@ def probe(
         eps: saturation tolerance.
         thresholds: flag thresholds, a :class:`~actstats.diagnose.Thresholds` or
             a dict of overrides such as ``{"dead_relu": 0.3}``.
+        init: re-initialize the model first with a named scheme (SPEC 7; this
+            changes its weights in place, on purpose). The nonlinearity after each
+            layer is traced from one forward pass on the first batch, so functional
+            activations count; ``lsuv`` uses that batch.
 
     Returns:
         A :class:`~actstats.report.Report` with one layer per record, in
@@ -134,12 +140,19 @@ def probe(
     target = resolve_device(device, root)
     generator = torch.Generator().manual_seed(seed)
     made = inputs_mod.materialize(inputs, batches=batches, batch_size=batch_size, generator=generator)
+    spec = parse_scheme(init) if init is not None else None  # validate before touching the model
     notices: list[str] = []
     input_parts: list[torch.Tensor] = []
     first = inputs_mod.first_input(made[0])
     recorder = Recorder(root, backward=backward, eps=eps)
+    summary = None
     with preserved(root, target, train=train), torch.random.fork_rng(devices=_cuda_devices(target)):
         torch.manual_seed(seed)
+        if spec is not None:
+            summary = _initialize(root, spec, inputs_mod.to_device(made[0], target), target, seed)
+            if summary.untouched:
+                notices.append(f"init {spec.text!r} left {len(summary.untouched)} parameter(s) of "
+                               f"unknown module types alone: {', '.join(summary.untouched)}")
         with recorder:
             for index, cpu_batch in enumerate(made):
                 batch = inputs_mod.to_device(cpu_batch, target)
@@ -173,8 +186,26 @@ def probe(
         input=input_info,
         layers=layers,
         flags=flags,
+        init=summary.scheme if summary is not None else "default",
+        untouched=summary.untouched if summary is not None else (),
         notices=tuple(notices),
     )
+
+
+def trace_following(root: nn.Module, batch: Any) -> dict[nn.Module, Any]:
+    """Run one forward pass (no grad) and map each module to the activation after it."""
+    with Recorder(root, backward=False) as recorder, torch.no_grad():
+        try:
+            inputs_mod.call(root, batch)
+        except Exception as err:
+            raise _forward_error(err, recorder, batch, root) from err
+    return following_activations(recorder.collect(), dict(root.named_modules()))
+
+
+def _initialize(root: nn.Module, spec: SchemeSpec, batch: Any, device: torch.device, seed: int) -> InitSummary:
+    following = trace_following(root, batch)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return init_weights(root, spec, generator=generator, nonlinearities=following, inputs=batch)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

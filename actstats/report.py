@@ -116,7 +116,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict following ``actstats.report/1`` (non-finite numbers as None)."""
-        return _clean({
+        return clean({
             "schema": self.schema,
             "model": self.model,
             "init": self.init,
@@ -158,7 +158,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 
 
 def _layer_dict(layer: LayerReport) -> dict[str, Any]:
-    return _clean({
+    return clean({
         "name": layer.name,
         "type": layer.type,
         "index": layer.index,
@@ -181,14 +181,14 @@ def _weight_dict(weight: WeightInfo | None) -> dict[str, Any] | None:
     return out
 
 
-def _clean(obj: Any) -> Any:
+def clean(obj: Any) -> Any:
     """Replace NaN/Inf by None, recursively."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     return obj
 
 

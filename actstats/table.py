@@ -133,3 +133,34 @@ def render(report: Report, *, color: bool = False, width: int = 80) -> str:
     else:
         lines.append("no flags raised")
     return "\n".join(lines)
+
+
+def render_comparison(comparison, *, color: bool = False, width: int = 80) -> str:  # noqa: ANN001
+    """One row per scheme: output/input rms, worst layer gain vs theory, first-layer
+    gradient ratio, dead %, saturated %, number of flags, verdict; the best marked ``*``."""
+    from click import style
+
+    columns = (("scheme", 18, False), ("out/in", 7, True), ("gain", 7, True),
+               ("grad", 7, True), ("dead%", 5, True), ("sat%", 5, True),
+               ("flags", 5, True), ("verdict", 19, False))
+    lines = [" ".join(_cell(t, w, r) for t, w, r in columns).rstrip()]
+    for row in comparison.rows:
+        best = row.scheme == comparison.best
+        kinds = row.verdict.split(", ")
+        verdict = kinds[0] if len(kinds) == 1 else f"{kinds[0]} +{len(kinds) - 1}"
+        cells = (("* " if best else "  ") + row.scheme, number(row.output_ratio), number(row.worst_gain),
+                 number(row.first_grad_ratio), _pct(row.dead_pct), _pct(row.saturated_pct),
+                 str(row.flags), verdict)
+        text = " ".join(_cell(c, w, r) for c, (_, w, r) in zip(cells, columns)).rstrip()
+        lines.append(style(text, bold=True) if color and best else text)
+    lines.append("")
+    lines.extend(textwrap.wrap(
+        f"best: {comparison.best} (fewest severe flags, then fewest flags, then the layer gain "
+        "closest to theory). out/in: output rms / input rms; gain: the layer gain furthest from "
+        "theory's (1 = as predicted); grad: first-layer / output gradient rms; verdict: the most "
+        "severe flag kind and how many more kinds (--format json has every report).", width))
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.0f}"
