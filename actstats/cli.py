@@ -131,7 +131,7 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Probe batches; statistics are merged exactly over all of them."),
         click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seeds the probe batches, the cotangents and dropout."),
+                     help="Seeds the model build, the probe batches, the cotangents and dropout."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
                      help="Where to run; auto means cuda when available."),
         click.option("--eval", "eval_mode", is_flag=True,
@@ -183,7 +183,7 @@ def _probe_inputs(loaded: Any, inputs_spec: str | None, input_shape: str | None,
               help="Also write the JSON report (schema actstats.report/1) to PATH.")
 @click.option("--init", "init", cls=_SchemeHelpOption, metavar="SCHEME[:KEY=VALUE,...]",
               help="Re-initialize the weights before probing. Example: --init kaiming, "
-                   "--init constant:val=0.0042,bias=0.0042")
+                   "--init constant:val=0.0042,bias=0.0042.")
 @_guarded
 def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
           vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
@@ -210,7 +210,7 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
         inputs_mod.parse_shape(input_shape)  # validate options before touching the model
     if init:
         parse_scheme(init)
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, seed=seed)
     source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
     report = run_probe(
         loaded.model, source, batches=batches, batch_size=batch_size, backward=not no_backward,
@@ -246,11 +246,14 @@ def _exit_for_flags(report: Any, fail_on: frozenset[str]) -> None:
               show_default=True, help="What to print on stdout (json: schema actstats.compare/1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the actstats.compare/1 JSON document to PATH.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
+              help="Also draw every scheme's signal propagation in one picture (needs the plot extra).")
 @_guarded
 def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
             vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
             eval_mode: bool, no_backward: bool, eps: float, thresholds: dict[str, float],
-            fail_on: frozenset[str], inits: str, fmt: str, json_path: str | None) -> None:
+            fail_on: frozenset[str], inits: str, fmt: str, json_path: str | None,
+            plot_path: str | None) -> None:
     """Compare init schemes on MODEL_SPEC: the same batches, one row per scheme, a verdict.
 
     Each scheme re-initializes a fresh copy of the model as built; the best
@@ -272,11 +275,15 @@ def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, i
     from actstats.table import render_comparison
 
     schemes = [s.strip() for s in _split_schemes(inits) if s.strip()]
+    if plot_path:
+        from actstats.plot import require_matplotlib
+
+        require_matplotlib()  # fail before the probes, not after
     if input_shape:
         inputs_mod.parse_shape(input_shape)
     for scheme in schemes:
         parse_scheme(scheme)
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, seed=seed)
     source = _probe_inputs(loaded, inputs_spec, input_shape, input_dtype, vocab_size, seed)
     result = run_compare(
         loaded.model, source, schemes, batches=batches, batch_size=batch_size,
@@ -290,11 +297,44 @@ def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, i
     if json_path:
         with open(json_path, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
+    if plot_path:
+        from actstats.plot import plot_reports
+
+        plot_reports(list(result.reports.values()), plot_path, labels=list(result.reports))
     if fmt == "json":
         click.echo(text)
     else:
         click.echo(render_comparison(result, color=sys.stdout.isatty()))
     _exit_for_flags(result.reports[result.best], fail_on)
+
+
+@cli.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="REPORT.json...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              metavar="PATH", help="Where to write the picture (PNG, or any format matplotlib knows).")
+@click.option("--title", help="Title of the figure (default: the model name).")
+@click.option("--dpi", type=click.IntRange(min=10), default=100, show_default=True, help="Resolution.")
+@_debug_option
+@_guarded
+def plot(reports: tuple[str, ...], output: str, title: str | None, dpi: int) -> None:
+    """Draw activation and gradient rms against depth from JSON reports (signal propagation).
+
+    Several reports (or a compare document with several schemes) are overlaid,
+    one colour each; the dashed line is what He/Xavier theory predicts (the rms
+    kept at its input level); flagged records are circled. Needs the plot
+    extra: pip install 'actstats[plot]'.
+
+    \b
+    Example:
+      actstats probe examples/deep_mlp.py:build --json default.json
+      actstats probe examples/deep_mlp.py:build --init kaiming --json kaiming.json
+      actstats plot default.json kaiming.json -o spp.png
+    """
+    from actstats.plot import load_reports, plot_reports
+
+    pairs = [pair for path in reports for pair in load_reports(path)]
+    plot_reports([doc for _, doc in pairs], output, labels=[label for label, _ in pairs], title=title, dpi=dpi)
+    click.echo(f"wrote {output}", err=True)
 
 
 def _split_schemes(text: str) -> list[str]:

@@ -277,9 +277,16 @@ def _propagation_flags(layers: Sequence[_Layer], weights: Sequence[WeightInfo | 
     before = [0]
     for w in weights:
         before.append(before[-1] + (w is not None))
+    # A normalization layer rescales what it receives, so the signal between a layer and
+    # the norm right after it (and the gradient there, which scales as 1/weight) is off the
+    # main path: the norm's output is what propagates.
+    def feeds_norm(i: int) -> bool:
+        return i + 1 < len(layers) and isinstance(layers[i + 1].module, theory.NORM_TYPES)
+
     # Forward: what every layer receives, then the output of the last record.
     points = [(i, before[i], l.summary.input_rms) for i, l in enumerate(layers)
-              if not isinstance(l.module, nn.Embedding) and not math.isnan(l.summary.input_rms)]
+              if not isinstance(l.module, (nn.Embedding, *theory.NORM_TYPES))
+              and not math.isnan(l.summary.input_rms)]
     if layers and not isinstance(layers[-1].module, _PROBABILITY_OUTPUTS):
         points.append((len(layers) - 1, before[-1], layers[-1].summary.act.rms))
     flags = _series_flags("forward", (t.vanishing, t.exploding), points, layers, weights)
@@ -291,7 +298,7 @@ def _propagation_flags(layers: Sequence[_Layer], weights: Sequence[WeightInfo | 
     scale = 1.0
     for i in range(len(layers) - 1, -1, -1):
         s = layers[i].summary
-        if s.grad is not None:
+        if s.grad is not None and not feeds_norm(i):
             grads.append((i, before[i + 1], s.grad.rms * math.sqrt(s.act.numel) * scale))
         if isinstance(layers[i].module, _AVERAGING) and s.act.numel:
             scale *= math.sqrt(s.input_numel / s.act.numel)

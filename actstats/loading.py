@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from actstats.errors import ModelSpecError
@@ -95,8 +96,13 @@ def resolve_callable(spec: str, what: str = "MODEL_SPEC") -> Callable[..., Any]:
     return target
 
 
-def load_model(spec: str) -> LoadedModel:
+def load_model(spec: str, *, seed: int | None = None) -> LoadedModel:
     """Build the model named by ``spec``.
+
+    With ``seed``, the callable runs under ``torch.manual_seed(seed)`` inside a
+    forked RNG, so a model whose weights come from the global RNG is built the
+    same way every time (the CLI passes ``--seed``), and the caller's RNG state
+    is left as it was.
 
     Raises:
         ModelSpecError: a missing file or module, a missing callable (the
@@ -105,7 +111,10 @@ def load_model(spec: str) -> LoadedModel:
     """
     build = resolve_callable(spec)
     try:
-        result = build()
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            result = build()
     except Exception as err:
         raise ModelSpecError(f"calling {spec!r} raised {type(err).__name__}: {err}") from err
     example = None
