@@ -72,7 +72,6 @@ def test_bad_scheme_fails_before_the_model_is_touched():
 
 def test_compare_uses_the_same_batches_and_picks_he_for_a_relu_mlp():
     model = relu_mlp()
-    seen = {}
 
     def make(n, _gen=torch.Generator().manual_seed(3)):
         return torch.randn(n, 32, generator=_gen)  # a stream: each call gives new values
