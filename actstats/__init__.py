@@ -9,8 +9,9 @@ from actstats.diagnose import Thresholds
 from actstats.probe import probe
 from actstats.report import Flag, LayerReport, Report
 from actstats.schemes import InitSummary, init_weights
+from actstats.watch import Watch, watch
 
 __all__ = [
     "ActStatsError", "Flag", "InitSummary", "LayerReport", "Report", "Thresholds",
-    "__version__", "init_weights", "probe",
+    "Watch", "__version__", "init_weights", "probe", "watch",
 ]

@@ -7,6 +7,8 @@ only with ``--debug``); exit code 1 is kept for ``--fail-on``.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -145,6 +147,11 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Override a flag threshold (repeatable). Defaults: vanishing/exploding/"
                           "vanishing_grad/exploding_grad=10 (factor), init_mismatch=2 (factor), "
                           "dead_relu=0.5, saturated=0.5 (fractions). Example: --threshold dead_relu=0.3"),
+        click.option("--logdir", type=click.Path(file_okay=False, writable=True), metavar="DIR",
+                     help="Write TensorBoard events (histograms, per-layer scalars, the "
+                          "propagation curve, flags) to DIR; compare writes DIR/<scheme>."),
+        click.option("--bins", type=click.IntRange(min=2), default=64, show_default=True,
+                     help="Histogram bins per layer with --logdir."),
         click.option("--fail-on", callback=_parse_fail_on, metavar="KIND[,KIND...]|any",
                      help="Exit with code 1 when a flag of a listed kind is raised (for CI). "
                           "Example: --fail-on vanishing,nonfinite"),
@@ -188,7 +195,8 @@ def _probe_inputs(loaded: Any, inputs_spec: str | None, input_shape: str | None,
 def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
           vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
           eval_mode: bool, no_backward: bool, fmt: str, json_path: str | None, eps: float,
-          thresholds: dict[str, float], fail_on: frozenset[str], init: str | None) -> None:
+          thresholds: dict[str, float], fail_on: frozenset[str], init: str | None,
+          logdir: str | None, bins: int) -> None:
     """Probe MODEL_SPEC (path/to/file.py:callable or package.module:callable).
 
     The callable takes no required arguments and returns a module or a pair
@@ -215,7 +223,10 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
     report = run_probe(
         loaded.model, source, batches=batches, batch_size=batch_size, backward=not no_backward,
         device=device, seed=seed, train=not eval_mode, eps=eps, thresholds=thresholds, init=init,
+        histogram_bins=bins if logdir else 0,
     )
+    if logdir:
+        _write_tensorboard(report, logdir)
     for notice in report.notices:
         click.echo(f"actstats: notice: {notice}", err=True)
     if json_path:
@@ -228,6 +239,18 @@ def probe(model_spec: str, inputs_spec: str | None, input_shape: str | None, inp
     else:
         click.echo(render(report, color=sys.stdout.isatty()))
     _exit_for_flags(report, fail_on)
+
+
+def run_name(scheme: str) -> str:
+    """A directory name for a scheme's TensorBoard run: ``normal:std=0.05`` -> ``normal_std=0.05``."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", scheme)
+
+
+def _write_tensorboard(report: Any, logdir: str) -> None:
+    from actstats.tensorboard import TensorBoardSink
+
+    with TensorBoardSink(logdir) as sink:
+        sink.write_report(report, 0, histograms=report.histograms)
 
 
 def _exit_for_flags(report: Any, fail_on: frozenset[str]) -> None:
@@ -252,8 +275,8 @@ def _exit_for_flags(report: Any, fail_on: frozenset[str]) -> None:
 def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, input_dtype: str,
             vocab_size: int | None, batch_size: int, batches: int, seed: int, device: str,
             eval_mode: bool, no_backward: bool, eps: float, thresholds: dict[str, float],
-            fail_on: frozenset[str], inits: str, fmt: str, json_path: str | None,
-            plot_path: str | None) -> None:
+            fail_on: frozenset[str], logdir: str | None, bins: int, inits: str, fmt: str,
+            json_path: str | None, plot_path: str | None) -> None:
     """Compare init schemes on MODEL_SPEC: the same batches, one row per scheme, a verdict.
 
     Each scheme re-initializes a fresh copy of the model as built; the best
@@ -288,8 +311,11 @@ def compare(model_spec: str, inputs_spec: str | None, input_shape: str | None, i
     result = run_compare(
         loaded.model, source, schemes, batches=batches, batch_size=batch_size,
         backward=not no_backward, device=device, seed=seed, train=not eval_mode, eps=eps,
-        thresholds=thresholds,
+        thresholds=thresholds, histogram_bins=bins if logdir else 0,
     )
+    if logdir:
+        for scheme, report in result.reports.items():
+            _write_tensorboard(report, os.path.join(logdir, run_name(scheme)))
     for scheme, report in result.reports.items():
         for notice in report.notices:
             click.echo(f"actstats: notice: [{scheme}] {notice}", err=True)

@@ -128,6 +128,7 @@ def compare(
     train: bool = True,
     eps: float = 0.01,
     thresholds: Thresholds | Mapping[str, float] | None = None,
+    histogram_bins: int = 0,
 ) -> Comparison:
     """Probe a copy of ``model`` under each scheme on the same batches and rank them.
 
@@ -152,6 +153,7 @@ def compare(
         reports[scheme] = probe(
             copy.deepcopy(model), made, batches=None, backward=backward, device=device,
             seed=seed, train=train, eps=eps, thresholds=thresholds, init=scheme,
+            histogram_bins=histogram_bins,
         )
     rows = tuple(summarize(scheme, reports[scheme]) for scheme in schemes)
     best = min(rows, key=lambda row: _score(row, reports[row.scheme])).scheme

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -111,7 +112,7 @@ def shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> st
 
 @dataclass
 class RecordState:
-    """Everything accumulated for one record (one call site of one module or function)."""
+    """Everything accumulated on the device for one record (one call site of a module or function)."""
 
     name: str
     type: str
@@ -122,6 +123,11 @@ class RecordState:
     act_parts: list[torch.Tensor] = field(default_factory=list)
     grad_parts: list[torch.Tensor] = field(default_factory=list)
     alive: torch.Tensor | None = None
+    act_hist: torch.Tensor | None = None
+    act_range: torch.Tensor | None = None
+    grad_hist: torch.Tensor | None = None
+    grad_range: torch.Tensor | None = None
+    grad_minmax: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,8 @@ class RecordSummary:
     grad: stats.GradStats | None
     dead_frac: float | None
     saturation: float | None
+    act_hist: stats.Histogram | None = None
+    grad_hist: stats.Histogram | None = None
 
 
 @dataclass
@@ -168,6 +176,10 @@ class _FunctionalActivations(TorchFunctionMode):
         return recorder._functional_call(func, args, kwargs)
 
 
+#: Range hints for histograms: record name -> ((act low, act high) | None, (grad low, grad high) | None).
+RangeHints = Mapping[str, tuple[tuple[float, float] | None, tuple[float, float] | None]]
+
+
 class Recorder:
     """Observe a model's layer calls; a context manager that removes every hook on exit.
 
@@ -175,6 +187,13 @@ class Recorder:
         model: the model (a DDP/DataParallel wrapper is looked through).
         backward: register gradient hooks on outputs that require grad.
         eps: saturation tolerance (outputs within ``eps`` of an asymptote).
+        histogram_bins: also count values into this many equal bins per record
+            (0: no histograms). A record's range is its ``range_hints`` entry
+            when given, else the min/max of its first call; later values outside
+            it count in the end bins.
+        range_hints: histogram ranges from statistics gathered earlier.
+        record_no_grad: also record forward passes run without autograd (a
+            ``torch.no_grad()`` evaluation); ``watch`` leaves them out.
 
     Example:
         >>> with Recorder(model) as rec:
@@ -182,37 +201,54 @@ class Recorder:
         >>> summaries = rec.collect()
     """
 
-    def __init__(self, model: nn.Module, *, backward: bool = True, eps: float = 0.01) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        backward: bool = True,
+        eps: float = 0.01,
+        histogram_bins: int = 0,
+        range_hints: RangeHints | None = None,
+        record_no_grad: bool = True,
+    ) -> None:
         self.root = unwrap(model)
         self.backward = backward
         self.eps = eps
+        self.bins = histogram_bins
+        self.range_hints = dict(range_hints or {})
+        self.record_no_grad = record_no_grad
         self.records: dict[str, RecordState] = {}
         self.stack: list[_Frame] = []
-        self.last_failed: _Frame | None = None
         self._handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
-        self._names: dict[int, str] = {}
         self._leaf: dict[int, bool] = {}
         self._channel_units = False
         self._mode: _FunctionalActivations | None = None
+        self._skipping = False
+        self._input_parts: list[torch.Tensor] = []
+        #: shape of the first tensor given to the root in the first recorded forward
+        self.input_shape: tuple[int, ...] | None = None
+        #: recorded forward passes of the root (not counting skipped no-grad passes)
+        self.forward_calls = 0
         self.active = False
 
     # --- lifetime ------------------------------------------------------------
 
     def attach(self) -> Recorder:
-        """Register the hooks; idempotent."""
+        """Register the hooks; idempotent. Functional activations are intercepted
+        from the root's forward pre-hook to its forward hook."""
         if self.active:
             return self
         for name, module in self.root.named_modules():
-            self._names[id(module)] = name or type(module).__name__
             # Functional calls inside a leaf's own implementation belong to that leaf,
             # except in the root, whose forward is the model's own code.
             self._leaf[id(module)] = is_leaf(module) and module is not self.root
-            record = is_recorded(module, root=module is self.root)
+            is_root = module is self.root
+            record = is_recorded(module, root=is_root)
             self._handles.append(module.register_forward_pre_hook(
-                self._pre_hook(name, record, module is self.root), with_kwargs=True))
+                self._pre_hook(name, record, is_root), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
-                self._post_hook(name, record), with_kwargs=True))
+                self._post_hook(name, record, is_root), with_kwargs=True, always_call=is_root))
         self.active = True
         return self
 
@@ -223,24 +259,15 @@ class Recorder:
             handle.remove()
         self._handles.clear()
         self.stack.clear()
-        self.exit_mode()
+        self._exit_mode()
 
-    def enter_mode(self) -> None:
-        """Start intercepting functional activations (call around a forward pass)."""
-        if self._mode is None:
-            self._mode = _FunctionalActivations(self)
-            self._mode.__enter__()
-
-    def exit_mode(self) -> None:
-        """Stop intercepting functional activations."""
+    def _exit_mode(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
 
     def __enter__(self) -> Recorder:
-        self.attach()
-        self.enter_mode()
-        return self
+        return self.attach()
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
@@ -255,6 +282,21 @@ class Recorder:
             if is_root:
                 self._calls.clear()
                 self.stack.clear()
+                self._skipping = not self.record_no_grad and not torch.is_grad_enabled()
+                if self._skipping:
+                    return
+                self.forward_calls += 1
+                x = next(iter_tensors((args, kwargs)), None)
+                if x is not None:
+                    if self.input_shape is None:
+                        self.input_shape = tuple(x.shape)
+                    with torch._C.DisableTorchFunction():
+                        self._input_parts.append(stats.input_summary(x))
+                if self._mode is None:
+                    self._mode = _FunctionalActivations(self)
+                    self._mode.__enter__()
+            if self._skipping:
+                return
             inputs = None
             if record:
                 x = next(iter_tensors((args, kwargs)), None)
@@ -264,18 +306,23 @@ class Recorder:
             self.stack.append(_Frame(module, name, shapes(args, kwargs), inputs))
         return hook
 
-    def _post_hook(self, name: str, record: bool):
+    def _post_hook(self, name: str, record: bool, is_root: bool):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            frame = self.stack.pop() if self.stack else None
-            if not record:
-                return
-            inputs = frame.inputs if frame is not None and frame.module is module else None
-            key = name or type(module).__name__
-            self._observe(key, type(module).__name__, name, module_activation(module), output, inputs)
-            if isinstance(module, _CHANNEL_LAYERS):
-                self._channel_units = True
-            elif owns_parameters(module):
-                self._channel_units = False
+            try:
+                if self._skipping or not self.stack or self.stack[-1].module is not module:
+                    return  # forward raised below this module (always_call), or skipped pass
+                frame = self.stack.pop()
+                if not record:
+                    return
+                key = name or type(module).__name__
+                self._observe(key, type(module).__name__, name, module_activation(module), output, frame.inputs)
+                if isinstance(module, _CHANNEL_LAYERS):
+                    self._channel_units = True
+                elif owns_parameters(module):
+                    self._channel_units = False
+            finally:
+                if is_root:
+                    self._exit_mode()
         return hook
 
     def _functional_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -315,21 +362,42 @@ class Recorder:
         if activation is not None and activation.family == "saturating":
             bounds = (activation.low, activation.high)
         with torch._C.DisableTorchFunction():
-            state.act_parts.append(stats.activation_partial(y, inputs, bounds, self.eps))
+            part = stats.activation_partial(y, inputs, bounds, self.eps)
+            state.act_parts.append(part)
             if activation is not None and activation.family == "relu":
                 alive = stats.alive_units(y, state.unit_dim)
                 if state.alive is None:
                     state.alive = alive
                 elif state.alive.shape == alive.shape:
                     state.alive |= alive
+            if self.bins:
+                if state.act_range is None:
+                    state.act_range = self._range(name, 0, part[stats.A_MIN:stats.A_MAX + 1])
+                    state.act_hist = part.new_zeros(self.bins)
+                state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
             y.register_hook(self._grad_hook(state))
 
+    def _range(self, name: str, which: int, measured: torch.Tensor) -> torch.Tensor:
+        hint = self.range_hints.get(name, (None, None))[which]
+        if hint is not None and all(map(_finite, hint)) and hint[1] > hint[0]:
+            return measured.new_tensor(hint)
+        return stats.histogram_range(measured)
+
     def _grad_hook(self, state: RecordState):
         def hook(grad: torch.Tensor) -> None:
-            if self.active:
-                with torch._C.DisableTorchFunction():
-                    state.grad_parts.append(stats.gradient_partial(grad))
+            if not self.active:
+                return
+            with torch._C.DisableTorchFunction():
+                state.grad_parts.append(stats.gradient_partial(grad))
+                if self.bins:
+                    low, high = torch.aminmax(stats.as_float(grad))
+                    minmax = torch.stack([low, high]).double()
+                    state.grad_minmax.append(minmax)
+                    if state.grad_range is None:
+                        state.grad_range = self._range(state.name, 1, minmax)
+                        state.grad_hist = minmax.new_zeros(self.bins)
+                    state.grad_hist += stats.histogram_counts(grad, state.grad_range, self.bins)
         return hook
 
     # --- results ---------------------------------------------------------------
@@ -338,46 +406,104 @@ class Recorder:
         """The innermost module whose forward had started but not finished."""
         return self.stack[-1] if self.stack else None
 
-    def collect(self) -> list[RecordSummary]:
-        """Move every partial to the host in one transfer and merge them per record."""
+    def input_info(self) -> tuple[tuple[int, ...] | None, float, float, float]:
+        """``(shape, numel, sum of squares, non-finite count)`` of the root's first input;
+        valid after :meth:`collect`."""
+        return (self.input_shape, *self._input_totals)
+
+    def collect(self, *, all_reduce: Any = None) -> list[RecordSummary]:
+        """Merge every record's partials on the device, then move them to the host in one transfer.
+
+        Args:
+            all_reduce: a function ``(sum_tensor, max_tensor) -> None`` reducing
+                both in place across processes (``watch`` passes one for
+                ``torch.distributed``); every process must hold the same records.
+        """
         states = sorted(self.records.values(), key=lambda s: s.index)
-        pieces: list[torch.Tensor] = []
-        layout: list[tuple[int, int, int]] = []
-        for s in states:
-            n_alive = 0 if s.alive is None else 1
-            layout.append((len(s.act_parts), len(s.grad_parts), n_alive))
-            pieces.extend(s.act_parts)
-            pieces.extend(s.grad_parts)
-            if s.alive is not None:
-                units = s.alive.numel()
-                pieces.append(torch.stack([units - s.alive.sum(), s.alive.new_tensor(units, dtype=torch.long)]).double())
-        if not pieces:
+        self._input_totals = (0.0, 0.0, 0.0)
+        if not states:
             return []
-        device = pieces[0].device
-        flat = torch.cat([p.to(device) for p in pieces]).cpu().numpy()
+        device = states[0].act_parts[0].device
+        inputs = (torch.stack([p.to(device) for p in self._input_parts]).sum(0) if self._input_parts
+                  else torch.zeros(3, dtype=torch.float64, device=device))
+        sums: list[torch.Tensor] = [inputs]
+        maxes: list[torch.Tensor] = []
+        for s in states:
+            act = torch.stack([p.to(device) for p in s.act_parts])
+            sums.append(act[:, _ACT_ADDITIVE].sum(0))
+            low = act[:, stats.A_MIN].nan_to_num(nan=float("inf")).amin()
+            high = act[:, stats.A_MAX].nan_to_num(nan=float("-inf")).amax()
+            maxes.append(torch.stack([high, -low]))
+            grad = (torch.stack([p.to(device) for p in s.grad_parts]).sum(0) if s.grad_parts
+                    else act.new_zeros(stats.GRAD_WIDTH))
+            sums.append(grad)
+            if s.alive is not None:
+                maxes.append(s.alive.to(device, torch.float64))
+            if s.act_hist is not None:
+                sums.append(s.act_hist.to(device))
+                maxes.append(s.act_range.to(device))  # type: ignore[union-attr]
+            if s.grad_hist is not None:
+                mm = torch.stack([m.to(device) for m in s.grad_minmax])
+                sums.append(s.grad_hist.to(device))
+                maxes.append(torch.stack([mm[:, 1].amax(), -mm[:, 0].amin()]))
+                maxes.append(s.grad_range.to(device))  # type: ignore[union-attr]
+        sum_vec, max_vec = torch.cat(sums), torch.cat(maxes)
+        if all_reduce is not None:
+            all_reduce(sum_vec, max_vec)
+        host = torch.cat([sum_vec, max_vec]).cpu().numpy()  # the one device-to-host transfer
+        self._input_totals = tuple(float(v) for v in host[:3])  # type: ignore[assignment]
+        return self._parse(states, host[3: sum_vec.numel()], host[sum_vec.numel():])
+
+    def _parse(self, states: list[RecordState], sums: Any, maxes: Any) -> list[RecordSummary]:
         out: list[RecordSummary] = []
-        pos = 0
-        for s, (n_act, n_grad, n_alive) in zip(states, layout):
-            act_rows = flat[pos:pos + n_act * stats.ACT_WIDTH].reshape(n_act, stats.ACT_WIDTH)
-            pos += n_act * stats.ACT_WIDTH
-            grad_rows = flat[pos:pos + n_grad * stats.GRAD_WIDTH].reshape(n_grad, stats.GRAD_WIDTH)
-            pos += n_grad * stats.GRAD_WIDTH
+        i = j = 0
+        for s in states:
+            row = [0.0] * stats.ACT_WIDTH
+            for col, value in zip(_ACT_ADDITIVE, sums[i:i + len(_ACT_ADDITIVE)]):
+                row[col] = value
+            i += len(_ACT_ADDITIVE)
+            high, neg_low = maxes[j:j + 2]
+            j += 2
+            row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (float("nan"),) * 2
+            grad_row = sums[i:i + stats.GRAD_WIDTH]
+            i += stats.GRAD_WIDTH
             dead_frac = None
-            if n_alive:
-                dead, units = flat[pos:pos + 2]
-                pos += 2
-                dead_frac = float(dead / units)
-            act, input_rms, input_numel, saturated = stats.summarize_activations(act_rows)
-            grad = stats.summarize_gradients(grad_rows) if n_grad else None
+            if s.alive is not None:
+                alive = maxes[j:j + s.alive.numel()]
+                j += s.alive.numel()
+                dead_frac = float((alive == 0).sum() / alive.size)
+            act, input_rms, input_numel, saturated = stats.summarize_activations(np.asarray([row]))
+            grad = stats.summarize_gradients(np.asarray([grad_row])) if s.grad_parts else None
+            act_hist = grad_hist = None
+            if s.act_hist is not None:
+                counts = sums[i:i + self.bins]
+                i += self.bins
+                low, high = maxes[j:j + 2]
+                j += 2
+                act_hist = stats.make_histogram(counts, low, high, act.min, act.max, row[stats.A_N]
+                                                - row[stats.A_NONFINITE], row[stats.A_SUM], row[stats.A_SUMSQ])
+            if s.grad_hist is not None:
+                counts = sums[i:i + self.bins]
+                i += self.bins
+                g_high, g_neg_low, low, high = maxes[j:j + 4]
+                j += 4
+                grad_hist = stats.make_histogram(counts, low, high, -g_neg_low, g_high, grad_row[stats.G_N]
+                                                 - grad_row[stats.G_NONFINITE], grad_row[stats.G_SUM],
+                                                 grad_row[stats.G_SUMSQ])
             family = s.activation.family if s.activation else None
             out.append(RecordSummary(
                 name=s.name, type=s.type, index=s.index, module_name=s.module_name,
-                activation=s.activation, act=act, input_rms=input_rms, input_numel=input_numel, grad=grad,
-                dead_frac=dead_frac, saturation=saturated if family == "saturating" else None,
+                activation=s.activation, act=act, input_rms=input_rms, input_numel=input_numel,
+                grad=grad, dead_frac=dead_frac,
+                saturation=saturated if family == "saturating" else None,
+                act_hist=act_hist, grad_hist=grad_hist,
             ))
         return out
 
-    def clear(self) -> None:
-        """Forget every record (keep the hooks)."""
-        self.records.clear()
-        self._calls.clear()
+
+
+_ACT_ADDITIVE = [c for c in range(stats.ACT_WIDTH) if c not in (stats.A_MIN, stats.A_MAX)]
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))

@@ -96,6 +96,7 @@ def probe(
     eps: float = 0.01,
     thresholds: Thresholds | Mapping[str, float] | None = None,
     init: str | None = None,
+    histogram_bins: int = 0,
 ) -> Report:
     """Probe ``model`` on a few batches and return per-record statistics.
 
@@ -120,6 +121,8 @@ def probe(
             changes its weights in place, on purpose). The nonlinearity after each
             layer is traced from one forward pass on the first batch, so functional
             activations count; ``lsuv`` uses that batch.
+        histogram_bins: also compute activation and gradient histograms on the
+            device with this many bins (``Report.histograms``, for TensorBoard).
 
     Returns:
         A :class:`~actstats.report.Report` with one layer per record, in
@@ -142,9 +145,8 @@ def probe(
     made = inputs_mod.materialize(inputs, batches=batches, batch_size=batch_size, generator=generator)
     spec = parse_scheme(init) if init is not None else None  # validate before touching the model
     notices: list[str] = []
-    input_parts: list[torch.Tensor] = []
     first = inputs_mod.first_input(made[0])
-    recorder = Recorder(root, backward=backward, eps=eps)
+    recorder = Recorder(root, backward=backward, eps=eps, histogram_bins=histogram_bins)
     summary = None
     with preserved(root, target, train=train), torch.random.fork_rng(devices=_cuda_devices(target)):
         torch.manual_seed(seed)
@@ -156,9 +158,6 @@ def probe(
         with recorder:
             for index, cpu_batch in enumerate(made):
                 batch = inputs_mod.to_device(cpu_batch, target)
-                x = inputs_mod.first_input(batch)
-                if x is not None:
-                    input_parts.append(_input_summary(x))
                 with torch.enable_grad():
                     try:
                         output = inputs_mod.call(root, batch)
@@ -175,7 +174,7 @@ def probe(
                         if note and note not in notices:
                             notices.append(note)
         summaries = recorder.collect()
-        input_info = _input_info(input_parts, first)
+        input_info = _input_info(recorder, first)
         layers, flags = diagnose(summaries, dict(root.named_modules()), input_info,
                                  batches=len(made), thresholds=limits, eps=eps)
     return Report(
@@ -189,6 +188,7 @@ def probe(
         init=summary.scheme if summary is not None else "default",
         untouched=summary.untouched if summary is not None else (),
         notices=tuple(notices),
+        histograms={s.name: (s.act_hist, s.grad_hist) for s in summaries} if histogram_bins else {},
     )
 
 
@@ -218,13 +218,6 @@ def _batch_dim(x: torch.Tensor | None) -> int | None:
     return int(x.shape[0]) if x is not None and x.dim() > 0 else None
 
 
-def _input_summary(x: torch.Tensor) -> torch.Tensor:
-    """``[numel, sum of squares, non-finite count]`` of an input, on its device (float64)."""
-    xf = x.detach().double()
-    finite = torch.isfinite(xf)
-    return torch.stack([xf.new_tensor(float(xf.numel())), xf.square().sum(), (~finite).sum().double()])
-
-
 def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, device: torch.device) -> str | None:
     """Back-propagate a standard-normal cotangent from every differentiable output.
 
@@ -248,9 +241,9 @@ def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, dev
     return None
 
 
-def _input_info(parts: list[torch.Tensor], first: torch.Tensor | None) -> InputInfo:
+def _input_info(recorder: Recorder, first: torch.Tensor | None) -> InputInfo:
     """Shape of the first input tensor and its rms / non-finite count over all batches."""
-    n, sumsq, nonfinite = torch.stack(parts).sum(0).tolist() if parts else (0.0, 0.0, 0.0)
+    _, n, sumsq, nonfinite = recorder.input_info()
     return InputInfo(
         shape=tuple(first.shape) if first is not None else (),
         rms=(sumsq / n) ** 0.5 if n else float("nan"),

@@ -11,10 +11,11 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
-from actstats.stats import ActStats, GradStats
+from actstats.stats import ActStats, GradStats, Histogram
 
 SCHEMA = "actstats.report/1"
 COMPARE_SCHEMA = "actstats.compare/1"
@@ -89,6 +90,8 @@ class Report:
         flags: the raised :class:`Flag` objects.
         untouched: parameters an ``init`` scheme left alone.
         notices: remarks for the user (forward-only probing, ...); the CLI writes them to stderr.
+        histograms: per record, the device-computed activation and gradient
+            histograms when the probe was asked for them (for TensorBoard).
     """
 
     model: str
@@ -102,6 +105,9 @@ class Report:
     untouched: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()
     schema: str = SCHEMA
+    #: record name -> (activation, gradient) histograms, when they were asked for; not serialized.
+    histograms: Mapping[str, tuple[Histogram | None, Histogram | None]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def layer(self, name: str) -> LayerReport:
         """Return the record called ``name``."""

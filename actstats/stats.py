@@ -30,7 +30,7 @@ G_N, G_SUM, G_SUMSQ, G_NONFINITE = range(4)
 GRAD_WIDTH = 4
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
+def as_float(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` in float32 or wider: statistics never accumulate in fp16/bf16."""
     x = x.detach()
     if x.dtype in (torch.float32, torch.float64):
@@ -40,9 +40,17 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 def input_partial(x: torch.Tensor) -> torch.Tensor:
     """Return ``[numel, sum of squares]`` of an input tensor as float64, on its device."""
-    xf = _float(x)
+    xf = as_float(x)
     sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
     return torch.stack([sumsq.new_tensor(float(xf.numel())), sumsq])
+
+
+def input_summary(x: torch.Tensor) -> torch.Tensor:
+    """``[numel, sum of squares, non-finite count]`` of a model input, float64 on its device."""
+    xf = as_float(x)
+    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
+    nonfinite = xf.numel() - torch.isfinite(xf).sum()
+    return torch.stack([sumsq.new_tensor(float(xf.numel())), sumsq, nonfinite.double()])
 
 
 def activation_partial(
@@ -60,7 +68,7 @@ def activation_partial(
             outputs within ``eps`` of either count as saturated. None: not counted.
         eps: the saturation tolerance.
     """
-    xf = _float(x)
+    xf = as_float(x)
     n = xf.numel()
     total = xf.sum(dtype=torch.float64)
     sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
@@ -81,7 +89,7 @@ def activation_partial(
 
 def gradient_partial(g: torch.Tensor) -> torch.Tensor:
     """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values)."""
-    gf = _float(g)
+    gf = as_float(g)
     n = gf.numel()
     total = gf.sum(dtype=torch.float64)
     sumsq = torch.linalg.vector_norm(gf, dtype=torch.float64).square()
@@ -98,6 +106,45 @@ def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     if not dims:
         return xf > 0
     return xf.amax(dim=dims) > 0
+
+
+def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
+    """A usable ``[low, high]`` from a measured ``[min, max]`` (float64, on the device).
+
+    Non-finite bounds fall back to ``[-1, 1]``; a constant (``min == max``) is
+    widened to ``[v - 0.5, v + 0.5]`` so that the bins have a width.
+    """
+    low, high = minmax[0], minmax[1]
+    ok = torch.isfinite(low) & torch.isfinite(high)
+    low = torch.where(ok, low, low.new_tensor(-1.0))
+    high = torch.where(ok, high, high.new_tensor(1.0))
+    flat = high <= low
+    return torch.stack([torch.where(flat, low - 0.5, low), torch.where(flat, low + 0.5, high)])
+
+
+def histogram_counts(x: torch.Tensor, bounds: torch.Tensor, bins: int) -> torch.Tensor:
+    """Count the finite values of ``x`` into ``bins`` equal bins over ``bounds`` (float64 counts).
+
+    Values below/above the range count in the first/last bin; NaN and Inf are
+    not counted. Everything stays on the device: no data-dependent shapes, so
+    no synchronisation (a scatter-add, not ``bincount`` or ``histc``).
+    """
+    xf = as_float(x).reshape(-1)
+    low, high = bounds[0].to(xf.dtype), bounds[1].to(xf.dtype)
+    finite = torch.isfinite(xf)
+    position = ((xf - low) * (bins / (high - low))).nan_to_num(nan=0.0, posinf=bins - 1.0, neginf=0.0)
+    index = position.floor().clamp_(0, bins - 1).long()
+    counts = torch.zeros(bins, dtype=torch.float64, device=xf.device)
+    return counts.scatter_add_(0, index, finite.to(torch.float64))
+
+
+def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float, vmax: float,
+                   num: float, total: float, sumsq: float) -> Histogram | None:
+    """Assemble a host-side :class:`Histogram`; None when nothing finite was counted."""
+    if not num > 0 or not (math.isfinite(low) and math.isfinite(high) and high > low):
+        return None
+    edges = np.linspace(low, high, len(counts) + 1)
+    return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
 
 
 @dataclass(frozen=True)
