@@ -30,6 +30,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -162,21 +164,105 @@ def following_activations(
     return found
 
 
-def _part_info(part: theory.WeightPart, following: theory.Activation | None) -> dict[str, object]:
-    w = part.tensor.detach().double()
+@dataclass(frozen=True)
+class WeightFigures:
+    """A parametric module's weight figures, measured on its device and read in one transfer.
+
+    Attributes:
+        parts: ``(std, rms)`` of each :func:`theory.weight_parts` part (population std).
+        symmetric: every output unit has the same weights and the same bias.
+        first: the first weight value (what a constant init filled in).
+    """
+
+    parts: tuple[tuple[float, float], ...]
+    symmetric: bool
+    first: float
+
+
+def _unit_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> torch.Tensor:
+    """A 0-d bool tensor on the weights' device (no synchronisation)."""
+    verdict = torch.ones((), dtype=torch.bool, device=parts[0].tensor.device)
+    for part in parts:
+        w = part.tensor
+        if isinstance(module, nn.Embedding):  # units are columns; symmetric when all values are equal
+            rows = w.reshape(-1, 1)
+        else:
+            rows = w.transpose(0, _unit_dim(module)).reshape(w.shape[_unit_dim(module)], -1)
+        if rows.shape[0] < 2:
+            return torch.zeros((), dtype=torch.bool, device=w.device)
+        verdict = verdict & (rows == rows[:1]).all()
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.numel() > 1:
+        verdict = verdict & (bias == bias.detach().flatten()[0]).all().to(verdict.device)
+    return verdict
+
+
+def weight_figures(modules: Sequence[nn.Module]) -> tuple[torch.Tensor | None, Any]:
+    """Measure the weights of ``modules`` on their device into one float64 vector.
+
+    Returns the vector (None when there is nothing to measure) and a function
+    turning its host copy into ``{module: WeightFigures}``, so that a probe or a
+    watched step moves weight figures to the host in the same single transfer
+    as its activation statistics.
+    """
+    pieces: list[torch.Tensor] = []
+    layout: list[tuple[nn.Module, int]] = []
+    for module in modules:
+        parts = theory.weight_parts(module)
+        if not parts:
+            continue
+        with torch.no_grad():
+            for part in parts:
+                var, mean = torch.var_mean(part.tensor.detach().float(), correction=0)
+                pieces += [var.sqrt(), (var + mean * mean).sqrt()]
+            pieces += [_all_units_equal(module, parts), parts[0].tensor.detach().reshape(-1)[0]]
+        layout.append((module, len(parts)))
+    if not pieces:
+        return None, lambda host: {}
+    device = pieces[0].device
+    vector = torch.stack([p.to(device=device, dtype=torch.float64) for p in pieces])
+
+    def decode(host: Any) -> dict[nn.Module, WeightFigures]:
+        out, i = {}, 0
+        for module, count in layout:
+            parts = tuple((float(host[i + 2 * k]), float(host[i + 2 * k + 1])) for k in range(count))
+            i += 2 * count
+            out[module] = WeightFigures(parts, bool(host[i]), float(host[i + 1]))
+            i += 2
+        return out
+
+    return vector, decode
+
+
+def parametric_modules(names: Sequence[str | None], modules: Mapping[str, nn.Module]) -> list[nn.Module]:
+    """The distinct parametric modules with these names (records' ``module_name``), in order."""
+    found: dict[int, nn.Module] = {}
+    for name in names:
+        module = modules.get(name) if name is not None else None
+        if module is not None and theory.is_parametric(module):
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
+def _part_info(part: theory.WeightPart, figures: tuple[float, float],
+               following: theory.Activation | None) -> dict[str, object]:
+    std, rms = figures
     if part.nonlinearity is not None:
         nonlinearity, param = part.nonlinearity, None
     elif following is not None:
         nonlinearity, param = following.nonlinearity, following.param
     else:
         nonlinearity, param = "linear", None
-    fan_in, fan_out = theory.fans(w)
+    fan_in, fan_out = theory.fans(part.tensor)
     gain = theory.gain(nonlinearity, param)
     reference = theory.reference_scheme(nonlinearity)
-    rms = float(w.square().mean().sqrt())
     return {
         "name": part.name,
-        "std": float(w.std(correction=0)),
+        "std": std,
         "fan_in": fan_in,
         "fan_out": fan_out,
         "xavier_std": theory.xavier_std(fan_in, fan_out),
@@ -189,14 +275,13 @@ def _part_info(part: theory.WeightPart, following: theory.Activation | None) -> 
     }
 
 
-def weight_info(layer: _Layer) -> WeightInfo | None:
+def weight_info(layer: _Layer, figures: Mapping[nn.Module, WeightFigures]) -> WeightInfo | None:
     """The ``weight`` block of a parametric record (None for anything else)."""
     module = layer.module
-    if module is None or not theory.is_parametric(module):
+    if module is None or module not in figures:
         return None
-    parts = [_part_info(p, layer.following) for p in theory.weight_parts(module)]
-    if not parts:
-        return None
+    measured_parts = figures[module].parts
+    parts = [_part_info(p, f, layer.following) for p, f in zip(theory.weight_parts(module), measured_parts)]
     main = parts[0]
     act, input_rms = layer.summary.act.rms, layer.summary.input_rms
     measured = act / input_rms if input_rms and math.isfinite(input_rms) and not isinstance(module, nn.Embedding) else None
@@ -217,33 +302,6 @@ def _mismatch(part: Mapping[str, object]) -> float:
     if part["nonlinearity"] == "linear":
         accepted.append(float(part["lecun_std"]))  # type: ignore[arg-type]
     return min((std / a for a in accepted), key=lambda r: abs(math.log(r)) if r > 0 else math.inf)
-
-
-def _unit_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-
-
-def _symmetric(module: nn.Module) -> tuple[bool, float, int]:
-    """Whether every output unit of ``module`` has the same weights and bias."""
-    parts = theory.weight_parts(module)
-    if not parts:
-        return False, math.nan, 0
-    for part in parts:
-        w = part.tensor
-        if isinstance(module, nn.Embedding):  # units are columns; symmetric when all equal
-            rows = w.reshape(-1, 1)
-        else:
-            rows = w.transpose(0, _unit_dim(module)).reshape(w.shape[_unit_dim(module)], -1)
-        if rows.shape[0] < 2:
-            return False, math.nan, 0
-        if not bool((rows == rows[:1]).all()):
-            return False, math.nan, 0
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias.numel() > 1 and not bool((bias == bias.flatten()[0]).all()):
-        return False, math.nan, 0
-    w0 = parts[0].tensor
-    units = w0.shape[_unit_dim(module)] if not isinstance(module, nn.Embedding) else w0.shape[1]
-    return True, float(w0.flatten()[0]), int(units)
 
 
 def _suffix_start(values: Sequence[float], beyond) -> int:  # noqa: ANN001
@@ -359,7 +417,8 @@ def _series_flags(direction: str, factors: tuple[float, float], points: Sequence
 
 
 def _layer_flags(layers: Sequence[_Layer], weights: Sequence[WeightInfo | None],
-                 input_info: InputInfo, batches: int, t: Thresholds, eps: float) -> list[Flag]:
+                 figures: Mapping[nn.Module, WeightFigures], input_info: InputInfo, batches: int,
+                 t: Thresholds, eps: float) -> list[Flag]:
     flags: list[Flag] = []
     # Non-finite values: the first record of the forward pass, and of the backward pass.
     if input_info.nonfinite:
@@ -412,8 +471,11 @@ def _layer_flags(layers: Sequence[_Layer], weights: Sequence[WeightInfo | None],
         if w is None or module is None or id(module) in judged:
             continue
         judged.add(id(module))
-        symmetric, value, units = _symmetric(module)
-        if symmetric:
+        fig = figures[module]
+        if fig.symmetric:
+            w0 = theory.weight_parts(module)[0].tensor
+            units = w0.shape[1] if isinstance(module, nn.Embedding) else w0.shape[_unit_dim(module)]
+            value = fig.first
             flags.append(Flag("symmetric", s.name,
                               f"{s.name}: all {units} units have identical weights (every weight {_fmt(value)}) "
                               "and biases, so they compute the same function and receive the same gradient: "
@@ -448,8 +510,12 @@ def diagnose(
     batches: int,
     thresholds: Thresholds | Mapping[str, float] | None = None,
     eps: float = 0.01,
+    figures: Mapping[nn.Module, WeightFigures] | None = None,
 ) -> tuple[tuple[LayerReport, ...], tuple[Flag, ...]]:
     """Compute every record's ``weight`` block and the report's flags.
+
+    ``figures`` are the weights' measured figures (:func:`weight_figures`); when
+    None they are measured here, with a transfer of their own.
 
     Returns:
         The layers (execution order, each with its weight block and the kinds
@@ -457,9 +523,12 @@ def diagnose(
         propagation, then per-layer flags in execution order).
     """
     t = Thresholds.from_mapping(thresholds)
+    if figures is None:
+        vector, decode = weight_figures(parametric_modules([s.module_name for s in summaries], modules))
+        figures = decode(vector.cpu().numpy()) if vector is not None else {}
     layers = _context(summaries, modules)
-    weights = [weight_info(layer) for layer in layers]
-    per_layer = _layer_flags(layers, weights, input_info, batches, t, eps)
+    weights = [weight_info(layer, figures) for layer in layers]
+    per_layer = _layer_flags(layers, weights, figures, input_info, batches, t, eps)
     propagation = _propagation_flags(layers, weights, t)
     nonfinite = [f for f in per_layer if f.kind == "nonfinite"]
     others = [f for f in per_layer if f.kind != "nonfinite"]

@@ -411,14 +411,17 @@ class Recorder:
         valid after :meth:`collect`."""
         return (self.input_shape, *self._input_totals)
 
-    def collect(self, *, all_reduce: Any = None) -> list[RecordSummary]:
+    def collect(self, *, all_reduce: Any = None, extra: torch.Tensor | None = None) -> list[RecordSummary]:
         """Merge every record's partials on the device, then move them to the host in one transfer.
 
         Args:
             all_reduce: a function ``(sum_tensor, max_tensor) -> None`` reducing
                 both in place across processes (``watch`` passes one for
                 ``torch.distributed``); every process must hold the same records.
+            extra: a float64 vector to bring along in the same transfer (the
+                weight figures); its host copy is left in :attr:`extra_host`.
         """
+        self.extra_host = None
         states = sorted(self.records.values(), key=lambda s: s.index)
         self._input_totals = (0.0, 0.0, 0.0)
         if not states:
@@ -450,9 +453,17 @@ class Recorder:
         sum_vec, max_vec = torch.cat(sums), torch.cat(maxes)
         if all_reduce is not None:
             all_reduce(sum_vec, max_vec)
-        host = torch.cat([sum_vec, max_vec]).cpu().numpy()  # the one device-to-host transfer
+        tail = [] if extra is None else [extra.to(device=device, dtype=torch.float64)]
+        host = torch.cat([sum_vec, max_vec, *tail]).cpu().numpy()  # the one device-to-host transfer
         self._input_totals = tuple(float(v) for v in host[:3])  # type: ignore[assignment]
-        return self._parse(states, host[3: sum_vec.numel()], host[sum_vec.numel():])
+        end = sum_vec.numel() + max_vec.numel()
+        self.extra_host = host[end:] if extra is not None else None
+        return self._parse(states, host[3: sum_vec.numel()], host[sum_vec.numel():end])
+
+    def record_modules(self) -> list[str]:
+        """Module names of the records so far, in execution order (for :func:`weight_figures`)."""
+        ordered = sorted(self.records.values(), key=lambda s: s.index)
+        return [s.module_name for s in ordered if s.module_name is not None]
 
     def _parse(self, states: list[RecordState], sums: Any, maxes: Any) -> list[RecordSummary]:
         out: list[RecordSummary] = []

@@ -17,7 +17,7 @@ from torch import nn
 
 from actstats import inputs as inputs_mod
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.diagnose import Thresholds, diagnose, following_activations
+from actstats.diagnose import Thresholds, diagnose, following_activations, parametric_modules, weight_figures
 from actstats.hooks import Recorder, iter_tensors, unwrap
 from actstats.report import InputInfo, Report
 from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
@@ -173,10 +173,13 @@ def probe(
                         note = _backpropagate(root, output, generator, target)
                         if note and note not in notices:
                             notices.append(note)
-        summaries = recorder.collect()
+        named = dict(root.named_modules())
+        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named))
+        summaries = recorder.collect(extra=vector)
+        figures = decode(recorder.extra_host) if vector is not None else {}
         input_info = _input_info(recorder, first)
-        layers, flags = diagnose(summaries, dict(root.named_modules()), input_info,
-                                 batches=len(made), thresholds=limits, eps=eps)
+        layers, flags = diagnose(summaries, named, input_info, batches=len(made), thresholds=limits,
+                                 eps=eps, figures=figures)
     return Report(
         model=type(root).__name__,
         device=str(target),

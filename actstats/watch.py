@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose
+from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose, parametric_modules, weight_figures
 from actstats.errors import FlagRaisedError, InputError
 from actstats.hooks import Recorder, RecordSummary, unwrap
 from actstats.report import InputInfo, Report
@@ -171,14 +171,17 @@ class Watch:
 
     def _close(self, step: int, recorder: Recorder) -> str | None:
         recorder.detach()
-        summaries = recorder.collect(all_reduce=_all_reduce if _distributed() else None)
+        named = dict(self.root.named_modules())
+        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named))
+        summaries = recorder.collect(all_reduce=_all_reduce if _distributed() else None, extra=vector)
         if not summaries:
             return None
+        figures = decode(recorder.extra_host) if vector is not None else {}
         shape, n, sumsq, nonfinite = recorder.input_info()
         input_info = InputInfo(shape=shape or (), rms=(sumsq / n) ** 0.5 if n else float("nan"),
                                nonfinite=int(nonfinite))
-        layers, flags = diagnose(summaries, dict(self.root.named_modules()), input_info,
-                                 batches=recorder.forward_calls, thresholds=self.thresholds, eps=self.eps)
+        layers, flags = diagnose(summaries, named, input_info, batches=recorder.forward_calls,
+                                 thresholds=self.thresholds, eps=self.eps, figures=figures)
         histograms = {s.name: (s.act_hist, s.grad_hist) for s in summaries} if recorder.bins else {}
         self._report = Report(
             model=type(self.root).__name__, device=str(next(iter(self.root.parameters()), torch.empty(0)).device),

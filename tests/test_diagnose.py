@@ -236,7 +236,7 @@ def test_halving_layers_give_the_exact_gain_and_the_exact_flagged_layers():
     for layer in report.layers:
         assert layer.weight.measured_gain == pytest.approx(0.5, rel=1e-6)
         # predicted gain sqrt(fan_in) * rms(W) = sqrt(8) * sqrt(8 * 0.25 / 64) = 0.5
-        assert layer.weight.predicted_gain == pytest.approx(0.5, rel=1e-12)
+        assert layer.weight.predicted_gain == pytest.approx(0.5, rel=1e-6)  # float32 on the device
     # Inputs received: 1, 1/2, ..., 1/32, then the output 1/64 of the input.
     # Below 1/10 from the input of layer 4 (1/16) on: that is where the flag points.
     (flag,) = [f for f in report.flags if f.kind == "vanishing"]
