@@ -1,0 +1,276 @@
+"""actstats.watch in training loops: sampled steps, TensorBoard, cleanup, accumulation, autocast, DDP."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import actstats
+from actstats import stats
+from actstats.errors import FlagRaisedError, InputError
+from actstats.tensorboard import tag_name
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Linear(12, 3))
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+def train_step(model, x, opt=None):
+    loss = model(x).pow(2).mean()
+    if opt is not None:
+        opt.zero_grad()
+    loss.backward()
+    if opt is not None:
+        opt.step()
+
+
+def events(logdir):
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_sampled_steps_only_and_the_tensorboard_tags(tmp_path):
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with actstats.watch(model, logdir=str(tmp_path), every=2, histograms=True) as w:
+        for step in range(6):
+            train_step(model, torch.randn(8, 6), opt)
+            w.step()
+    acc = events(tmp_path)
+    names = [layer.name for layer in w.report().layers]
+    assert names == ["0", "1", "2"]
+    tags = acc.Tags()
+    for name in names:
+        assert [e.step for e in acc.Scalars(f"act_std/{tag_name(name)}")] == [0, 2, 4]
+        assert [e.step for e in acc.Scalars(f"grad_std/{tag_name(name)}")] == [0, 2, 4]
+        assert [e.step for e in acc.Histograms(f"activations/{tag_name(name)}")] == [0, 2, 4]
+        assert [e.step for e in acc.Histograms(f"gradients/{tag_name(name)}")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("dead_frac/1")] == [0, 2, 4]
+    assert sorted(t for t in tags["histograms"]) == sorted(
+        [f"activations/{n}" for n in names] + [f"gradients/{n}" for n in names])
+    # The propagation curve: one point per record, step = index, written at each sampled step.
+    points = acc.Scalars("propagation/act_rms")
+    assert [p.step for p in points] == [0, 1, 2] * 3
+    last = w.report()
+    assert [p.value for p in points[-3:]] == pytest.approx([l.act.rms for l in last.layers], rel=1e-6)
+    assert "flags" in tags["tensors"]
+
+
+def test_an_unsampled_step_runs_no_statistics_and_installs_no_hook(monkeypatch):
+    model = small_model()
+    base = hook_count(model)
+    calls = []
+    real = stats.activation_partial
+    monkeypatch.setattr(stats, "activation_partial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with actstats.watch(model, every=3) as w:
+        train_step(model, torch.randn(4, 6))
+        assert hook_count(model) > base and len(calls) == 3  # step 0 is sampled: 3 records
+        w.step()
+        for _ in range(2):  # steps 1 and 2: not sampled
+            assert hook_count(model) == base
+            train_step(model, torch.randn(4, 6))
+            w.step()
+        assert len(calls) == 3
+        train_step(model, torch.randn(4, 6))  # step 3 is sampled again
+        assert len(calls) == 6
+    assert hook_count(model) == base
+
+
+def test_a_sampled_step_moves_statistics_to_the_host_once(monkeypatch):
+    model = small_model()
+    transfers = []
+    real_cpu = torch.Tensor.cpu
+    with actstats.watch(model, every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        train_step(model, torch.randn(4, 6))
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: transfers.append(self.shape) or real_cpu(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() during a step"))
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() during a step"))
+        w.step()
+        monkeypatch.undo()
+    assert len(transfers) == 1  # statistics, histograms, input and weight figures in one vector
+
+
+def test_no_hook_keeps_an_activation_alive():
+    import weakref
+
+    model = small_model()
+    refs = []
+    handle = model[0].register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    with actstats.watch(model, every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        import gc
+        gc.collect()
+        assert refs and all(r() is None for r in refs)
+    handle.remove()
+
+
+def test_gradient_accumulation_merges_every_micro_batch_and_no_grad_passes_are_left_out():
+    model = small_model()
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    with actstats.watch(model, every=1) as w:
+        for x in xs:  # three micro-batches in one optimizer step
+            train_step(model, x)
+        with torch.no_grad():  # an evaluation pass inside the sampled step
+            model(torch.full((4, 6), 100.0))
+        w.step()
+    handle.remove()
+    union = torch.cat(seen[:3]).double()
+    layer = w.report().layer("0")
+    assert w.report().batches == 3
+    assert layer.act.numel == union.numel()
+    assert layer.act.mean == pytest.approx(float(union.mean()), abs=1e-7)
+    assert layer.act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
+    assert layer.act.max == pytest.approx(float(union.max()))  # not the 100-valued eval pass
+
+
+def test_hooks_are_removed_after_an_exception_and_training_is_unchanged():
+    watched, plain = small_model(), small_model()
+    user_calls = []
+    watched[0].register_forward_hook(lambda *a: user_calls.append(1))
+    base = hook_count(watched)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=0.1)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    xs = [torch.randn(5, 6) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with actstats.watch(watched, every=1):
+            for x in xs:
+                train_step(watched, x, opt_w)
+                train_step(plain, x, opt_p)
+            raise RuntimeError("boom")
+    assert hook_count(watched) == base and len(user_calls) == 4
+    for a, b in zip(watched.parameters(), plain.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)  # watching changed nothing
+    assert watched.training and all(p.requires_grad for p in watched.parameters())
+
+
+def test_raise_on_nonfinite_names_the_first_layer():
+    model = small_model()
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    with actstats.watch(model, every=1, raise_on=("nonfinite",)) as w:
+        train_step(model, torch.randn(4, 6))
+        with pytest.raises(FlagRaisedError, match=r"^step 0: 2: 4 of 12 outputs are NaN or Inf"):
+            w.step()
+    assert w.report().flags[0].layer == "2"
+
+
+def test_bf16_autocast_statistics_are_float32_figures_of_the_bf16_outputs():
+    model = small_model()
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with actstats.watch(model, every=1) as w:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(64, 6))
+        out.float().pow(2).mean().backward()
+        w.step()
+    handle.remove()
+    assert seen[0].dtype == torch.bfloat16
+    reference = seen[0].double()
+    layer = w.report().layer("0")
+    assert layer.act.std == pytest.approx(float(reference.std(correction=0)), rel=1e-6)
+    assert layer.grad is not None and math.isfinite(layer.grad.std)
+
+
+def test_existing_writer_is_used_and_left_open(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    model = small_model()
+    with actstats.watch(model, writer=writer, every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        w.step()
+    writer.add_scalar("still/open", 1.0, 0)  # would raise on a closed writer's file
+    writer.close()
+    assert "act_std/0" in events(tmp_path).Tags()["scalars"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"every": 0}, r"^every must be a positive integer"),
+     ({"raise_on": ("nan",)}, r"^raise_on has unknown flag kind\(s\) 'nan'"),
+     ({"logdir": "a", "writer": object()}, r"^give logdir or writer, not both")],
+    ids=["every", "raise_on", "logdir-and-writer"],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        actstats.watch(small_model(), **kwargs)
+
+
+def test_compiled_models_are_refused_with_a_clear_error():
+    compiled = torch.compile(small_model())
+    with pytest.raises(InputError, match=r"^actstats.watch cannot observe a torch.compile'd model"):
+        actstats.watch(compiled)
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, logdir, results):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = DistributedDataParallel(small_model())
+        seen = []
+        model.module[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(100 + rank)) * (rank + 1) + rank
+        with actstats.watch(model, logdir=os.path.join(logdir, f"rank{rank}"), every=1, histograms=True) as w:
+            model(x).pow(2).mean().backward()
+            w.step()
+            model(x).pow(2).mean().backward()
+            w.step()
+        report = w.report()
+        results[rank] = {
+            "names": [l.name for l in report.layers],
+            "act": (report.layer("0").act.mean, report.layer("0").act.std, report.layer("0").act.numel,
+                    report.layer("0").act.min, report.layer("0").act.max),
+            "dead": report.layer("1").dead_frac,
+            "local": seen[-1],
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_statistics_are_merged_exactly_across_two_processes(tmp_path):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2,
+                       start_method="spawn", join=True)
+    r0, r1 = results[0], results[1]
+    assert r0["names"] == ["0", "1", "2"]  # the inner module's names, no "module." prefix
+    union = torch.cat([r0["local"], r1["local"]]).double()  # each rank saw different data
+    for r in (r0, r1):  # every rank holds the merged figures
+        mean, std, numel, low, high = r["act"]
+        assert numel == union.numel()
+        assert mean == pytest.approx(float(union.mean()), abs=1e-6)
+        assert std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
+        assert (low, high) == pytest.approx((float(union.min()), float(union.max())))
+    assert r0["dead"] == r1["dead"]
+    assert os.listdir(tmp_path) == ["rank0"]  # rank 1 writes nothing
+    acc = events(tmp_path / "rank0")
+    assert [e.step for e in acc.Scalars("act_std/0")] == [0, 1]
+    assert [e.step for e in acc.Histograms("activations/0")] == [1]  # ranks bin alike from step 1
