@@ -183,31 +183,44 @@ def _unit_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
+def _units_equal(rows: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: are all rows of ``rows`` (units x inputs) identical?
+
+    One pass (the per-column min and max over units) instead of comparing every
+    weight with the first row's, which allocates a mask as large as the weight.
+    """
+    low, high = torch.aminmax(rows, dim=0)
+    return (low == high).all()
+
+
 def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> torch.Tensor:
     """A 0-d bool tensor on the weights' device (no synchronisation)."""
     verdict = torch.ones((), dtype=torch.bool, device=parts[0].tensor.device)
     for part in parts:
-        w = part.tensor
+        w = part.tensor.detach().float()
         if isinstance(module, nn.Embedding):  # units are columns; symmetric when all values are equal
-            rows = w.reshape(-1, 1)
-        else:
-            rows = w.transpose(0, _unit_dim(module)).reshape(w.shape[_unit_dim(module)], -1)
+            low, high = torch.aminmax(w)
+            verdict = verdict & (low == high)
+            continue
+        rows = w.transpose(0, _unit_dim(module)).reshape(w.shape[_unit_dim(module)], -1)
         if rows.shape[0] < 2:
             return torch.zeros((), dtype=torch.bool, device=w.device)
-        verdict = verdict & (rows == rows[:1]).all()
+        verdict = verdict & _units_equal(rows)
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.numel() > 1:
-        verdict = verdict & (bias == bias.detach().flatten()[0]).all().to(verdict.device)
+        low, high = torch.aminmax(bias.detach())
+        verdict = verdict & (low == high).to(verdict.device)
     return verdict
 
 
 def weight_figures(modules: Sequence[nn.Module]) -> tuple[torch.Tensor | None, Any]:
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
-    Returns the vector (None when there is nothing to measure) and a function
-    turning its host copy into ``{module: WeightFigures}``, so that a probe or a
-    watched step moves weight figures to the host in the same single transfer
-    as its activation statistics.
+    Per part the population std and rms come from float64 sums (fast reductions,
+    no cancellation worth the name: weights have mean ~0). Returns the vector
+    (None when there is nothing to measure) and a function turning its host copy
+    into ``{module: WeightFigures}``, so that a probe or a watched step moves
+    weight figures to the host in the same single transfer as its statistics.
     """
     pieces: list[torch.Tensor] = []
     layout: list[tuple[nn.Module, int]] = []
@@ -217,8 +230,11 @@ def weight_figures(modules: Sequence[nn.Module]) -> tuple[torch.Tensor | None, A
             continue
         with torch.no_grad():
             for part in parts:
-                var, mean = torch.var_mean(part.tensor.detach().float(), correction=0)
-                pieces += [var.sqrt(), (var + mean * mean).sqrt()]
+                w = part.tensor.detach()
+                n = w.numel()
+                mean = w.sum(dtype=torch.float64) / n
+                mean_square = torch.linalg.vector_norm(w, dtype=torch.float64).square() / n
+                pieces += [(mean_square - mean * mean).clamp_min(0.0).sqrt(), mean_square.sqrt()]
             pieces += [_all_units_equal(module, parts), parts[0].tensor.detach().reshape(-1)[0]]
         layout.append((module, len(parts)))
     if not pieces:

@@ -153,8 +153,13 @@ class RecordSummary:
 class _Frame:
     module: nn.Module
     name: str
-    input_shapes: str
+    args: tuple[Any, ...]  # the call's own arguments, alive anyway while it runs
+    kwargs: dict[str, Any]
     inputs: torch.Tensor | None
+
+    @property
+    def input_shapes(self) -> str:
+        return shapes(self.args, self.kwargs)
 
 
 class _FunctionalActivations(TorchFunctionMode):
@@ -225,6 +230,8 @@ class Recorder:
         self._channel_units = False
         self._mode: _FunctionalActivations | None = None
         self._skipping = False
+        self._last_output: tuple[Any, int, torch.Tensor] | None = None
+        self._activations: dict[int, Activation | None] = {}
         self._input_parts: list[torch.Tensor] = []
         #: shape of the first tensor given to the root in the first recorded forward
         self.input_shape: tuple[int, ...] | None = None
@@ -301,9 +308,8 @@ class Recorder:
             if record:
                 x = next(iter_tensors((args, kwargs)), None)
                 if x is not None:
-                    with torch._C.DisableTorchFunction():
-                        inputs = stats.input_partial(x)
-            self.stack.append(_Frame(module, name, shapes(args, kwargs), inputs))
+                    inputs = self._input_partial(x)
+            self.stack.append(_Frame(module, name, args, kwargs, inputs))
         return hook
 
     def _post_hook(self, name: str, record: bool, is_root: bool):
@@ -315,7 +321,10 @@ class Recorder:
                 if not record:
                     return
                 key = name or type(module).__name__
-                self._observe(key, type(module).__name__, name, module_activation(module), output, frame.inputs)
+                if id(module) not in self._activations:
+                    self._activations[id(module)] = module_activation(module)
+                self._observe(key, type(module).__name__, name, self._activations[id(module)], output,
+                              frame.inputs)
                 if isinstance(module, _CHANNEL_LAYERS):
                     self._channel_units = True
                 elif owns_parameters(module):
@@ -325,13 +334,22 @@ class Recorder:
                     self._exit_mode()
         return hook
 
+    def _input_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's ``[numel, sum of squares]``; when it is the tensor the previous record
+        produced, unchanged since (same object, same version), that record's figures."""
+        last = self._last_output
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        with torch._C.DisableTorchFunction():
+            return stats.input_partial(x)
+
     def _functional_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         owner = self.stack[-1] if self.stack else None
         if owner is None or self._leaf.get(id(owner.module), True) or not self.active:
             return func(*args, **kwargs)
         type_name = FUNCTIONAL_ACTIVATIONS[func][0]
         x = args[0] if args else None
-        inputs = stats.input_partial(x) if isinstance(x, torch.Tensor) else None
+        inputs = self._input_partial(x) if isinstance(x, torch.Tensor) else None
         output = func(*args, **kwargs)
         short = type_name.split(".", 1)[1]
         key = f"{owner.name}.{short}()" if owner.name else f"{short}()"
@@ -364,6 +382,8 @@ class Recorder:
         with torch._C.DisableTorchFunction():
             part = stats.activation_partial(y, inputs, bounds, self.eps)
             state.act_parts.append(part)
+            # [numel, sum of squares] of this output, for the next record if it receives it.
+            self._last_output = (weakref.ref(y), y._version, part[stats.A_N:stats.A_SUMSQ + 1:2])
             if activation is not None and activation.family == "relu":
                 alive = stats.alive_units(y, state.unit_dim)
                 if state.alive is None:

@@ -3,12 +3,14 @@
 A hook reduces each tensor it sees, on the tensor's own device, into a small
 float64 vector (a *partial*); nothing leaves the device inside a hook. The
 partials of many calls and batches are merged on the host once by adding
-counts, sums and sums of squares (all accumulated in float64), so the result is
-the statistic of all values seen together, never an average of per-batch
-figures.
+counts, sums and sums of squares in float64, so the result is the statistic of
+all values seen together, never an average of per-batch figures. Within one
+call the sums run in float32 (float64 for float64 tensors) on values shifted
+by their midrange and scaled by a power of two, which keeps them accurate for
+large means and free of overflow; see :func:`_moments`.
 
 Conventions: standard deviations are population figures (divide by N),
-``std = sqrt(E[x^2] - E[x]^2)`` from float64 sums; ``rms = sqrt(E[x^2])``;
+``std = sqrt(E[x^2] - E[x]^2)`` from the merged sums; ``rms = sqrt(E[x^2])``;
 a tensor holding NaN or Inf gives non-finite sums and counts those elements
 in ``nonfinite``.
 """
@@ -41,16 +43,47 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 def input_partial(x: torch.Tensor) -> torch.Tensor:
     """Return ``[numel, sum of squares]`` of an input tensor as float64, on its device."""
     xf = as_float(x)
-    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
-    return torch.stack([sumsq.new_tensor(float(xf.numel())), sumsq])
+    if xf.numel() == 0:
+        return torch.zeros(2, dtype=torch.float64, device=xf.device)
+    _, sumsq, _, _, _ = _moments(xf)
+    return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq])
 
 
 def input_summary(x: torch.Tensor) -> torch.Tensor:
     """``[numel, sum of squares, non-finite count]`` of a model input, float64 on its device."""
     xf = as_float(x)
-    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
-    nonfinite = xf.numel() - torch.isfinite(xf).sum()
-    return torch.stack([sumsq.new_tensor(float(xf.numel())), sumsq, nonfinite.double()])
+    if xf.numel() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=xf.device)
+    _, sumsq, _, _, nonfinite = _moments(xf)
+    return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq, nonfinite])
+
+
+def _moments(xf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(sum, sum of squares, min, max, non-finite count)`` of a float32/64 tensor, as 0-d
+    float64 tensors on its device, in four reads of ``xf`` and no synchronisation.
+
+    The sums run in the tensor's own precision (PyTorch's cascade summation and
+    ``dot``; a float64 ``dtype=`` costs a full conversion copy on CPU) over
+    ``(x - c) / s``: ``c`` the midrange, so that a large mean does not cancel the
+    variance away, and ``s`` the power of two at or above the largest remaining
+    magnitude, so that a float32 sum of squares cannot overflow (the scaling is
+    exact). The shift and scale are undone in float64.
+    """
+    low, high = torch.aminmax(xf)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    center = torch.where(finite, (low + high) / 2, torch.zeros_like(low))
+    spread = torch.where(finite & (high > low), (high - low) / 2, torch.ones_like(low))
+    _, exponent = torch.frexp(spread)
+    scale = torch.ldexp(torch.ones_like(spread), exponent)
+    scaled = (xf - center).div_(scale).reshape(-1)
+    n = float(xf.numel())
+    c, s = center.double(), scale.double()
+    shifted_sum = scaled.sum().double() * s
+    total = shifted_sum + n * c
+    sumsq = torch.dot(scaled, scaled).double() * s * s + 2 * c * shifted_sum + n * c * c
+    # (x - c) * 0 is 0 where x is finite and NaN elsewhere: NaN -> 1 counts the non-finite values.
+    nonfinite = scaled.mul_(0.0).nan_to_num_(nan=1.0).sum().double()
+    return total, sumsq, low.double(), high.double(), nonfinite
 
 
 def activation_partial(
@@ -70,31 +103,36 @@ def activation_partial(
     """
     xf = as_float(x)
     n = xf.numel()
-    total = xf.sum(dtype=torch.float64)
-    sumsq = torch.linalg.vector_norm(xf, dtype=torch.float64).square()
-    low, high = torch.aminmax(xf) if n else (total, total)
-    zeros = (xf == 0).sum()
-    finite = torch.isfinite(xf).sum()
+    size = torch.full((), float(n), dtype=torch.float64, device=xf.device)
+    if n == 0:
+        nan = torch.full((), math.nan, dtype=torch.float64, device=xf.device)
+        total = sumsq = nonfinite = nonzero = size * 0
+        low = high = nan
+    else:
+        total, sumsq, low, high, nonfinite = _moments(xf)
+        # x / x is 1 where x is finite and non-zero, NaN at zeros and non-finite values.
+        nonzero = (xf / xf).nan_to_num_(nan=0.0).sum().double()
+    zeros = size - nonfinite - nonzero
     if saturation_bounds is None:
-        saturated = zeros.new_zeros(())
+        saturated = torch.zeros((), dtype=torch.float64, device=xf.device)
     else:
         lo, hi = saturation_bounds
-        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum()
-    head = torch.stack([total, sumsq, low.double(), high.double()])
-    counts = torch.stack([zeros, n - finite, saturated]).double()
-    n_t = head.new_tensor([float(n)])
-    ins = inputs.to(head.device) if inputs is not None else head.new_tensor([0.0, math.nan])
-    return torch.cat([n_t, head, counts, ins])
+        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum().double()
+    if inputs is None:
+        inputs = torch.stack([size * 0, torch.full_like(size, math.nan)])
+    return torch.stack([size, total, sumsq, low, high, zeros, nonfinite, saturated,
+                        *inputs.to(xf.device)])
 
 
 def gradient_partial(g: torch.Tensor) -> torch.Tensor:
-    """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values)."""
+    """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values):
+    count, sum, sum of squares, non-finite count."""
     gf = as_float(g)
-    n = gf.numel()
-    total = gf.sum(dtype=torch.float64)
-    sumsq = torch.linalg.vector_norm(gf, dtype=torch.float64).square()
-    nonfinite = n - torch.isfinite(gf).sum()
-    return torch.stack([total.new_tensor(float(n)), total, sumsq, nonfinite.double()])
+    size = torch.full((), float(gf.numel()), dtype=torch.float64, device=gf.device)
+    if gf.numel() == 0:
+        return torch.stack([size, size * 0, size * 0, size * 0])
+    total, sumsq, _, _, nonfinite = _moments(gf)
+    return torch.stack([size, total, sumsq, nonfinite])
 
 
 def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
