@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstats import theory
+from actstats import stats, theory
 from actstats.hooks import RecordSummary
 from actstats.report import Flag, InputInfo, LayerReport, WeightInfo
 
@@ -213,15 +213,20 @@ def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> t
     return verdict
 
 
-def weight_figures(modules: Sequence[nn.Module]) -> tuple[torch.Tensor | None, Any]:
+def weight_figures(modules: Sequence[nn.Module], *,
+                   symmetry: Mapping[nn.Module, bool] | None = None) -> tuple[torch.Tensor | None, Any]:
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
-    Per part the population std and rms come from float64 sums (fast reductions,
-    no cancellation worth the name: weights have mean ~0). Returns the vector
-    (None when there is nothing to measure) and a function turning its host copy
-    into ``{module: WeightFigures}``, so that a probe or a watched step moves
-    weight figures to the host in the same single transfer as its statistics.
+    Per part the population std and rms come from :func:`stats.sums` (shifted
+    and scaled float32 sums, exact for a constant weight). ``symmetry`` gives the symmetric verdict of
+    modules already checked: training cannot make distinct units identical, nor
+    separate identical ones, so ``watch`` checks each module once. Returns the
+    vector (None when there is nothing to measure) and a function turning its
+    host copy into ``{module: WeightFigures}``, so that a probe or a watched step
+    moves weight figures to the host in the same single transfer as its
+    statistics.
     """
+    known = symmetry or {}
     pieces: list[torch.Tensor] = []
     layout: list[tuple[nn.Module, int]] = []
     for module in modules:
@@ -230,12 +235,13 @@ def weight_figures(modules: Sequence[nn.Module]) -> tuple[torch.Tensor | None, A
             continue
         with torch.no_grad():
             for part in parts:
-                w = part.tensor.detach()
-                n = w.numel()
-                mean = w.sum(dtype=torch.float64) / n
-                mean_square = torch.linalg.vector_norm(w, dtype=torch.float64).square() / n
+                w = stats.as_float(part.tensor)
+                total, sumsq = stats.sums(w)
+                mean, mean_square = total / w.numel(), sumsq / w.numel()
                 pieces += [(mean_square - mean * mean).clamp_min(0.0).sqrt(), mean_square.sqrt()]
-            pieces += [_all_units_equal(module, parts), parts[0].tensor.detach().reshape(-1)[0]]
+            equal = (torch.full((), float(known[module]), device=parts[0].tensor.device)
+                     if module in known else _all_units_equal(module, parts))
+            pieces += [equal, parts[0].tensor.detach().reshape(-1)[0]]
         layout.append((module, len(parts)))
     if not pieces:
         return None, lambda host: {}

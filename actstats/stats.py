@@ -45,7 +45,7 @@ def input_partial(x: torch.Tensor) -> torch.Tensor:
     xf = as_float(x)
     if xf.numel() == 0:
         return torch.zeros(2, dtype=torch.float64, device=xf.device)
-    _, sumsq, _, _, _ = _moments(xf)
+    _, sumsq, _, _, _, _ = _moments(xf)
     return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq])
 
 
@@ -54,20 +54,48 @@ def input_summary(x: torch.Tensor) -> torch.Tensor:
     xf = as_float(x)
     if xf.numel() == 0:
         return torch.zeros(3, dtype=torch.float64, device=xf.device)
-    _, sumsq, _, _, nonfinite = _moments(xf)
+    _, sumsq, _, _, nonfinite, _ = _moments(xf)
     return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq, nonfinite])
 
 
-def _moments(xf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(sum, sum of squares, min, max, non-finite count)`` of a float32/64 tensor, as 0-d
-    float64 tensors on its device, in four reads of ``xf`` and no synchronisation.
+#: Elementwise work runs in chunks of at most this many values, inside one reused
+#: scratch buffer per (device, dtype): no temporary as large as an activation is
+#: allocated (on CPU a fresh buffer costs page faults, more than the arithmetic).
+CHUNK = 1 << 20
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _buffer(like: torch.Tensor, n: int) -> torch.Tensor:
+    key = (like.device, like.dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(min(max(n, 1 << 16), CHUNK), dtype=like.dtype, device=like.device)
+        _scratch[key] = buf
+    return buf[:n]
+
+
+def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
+    return [flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK)] if flat.numel() > CHUNK else [flat]
+
+
+def sums(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares of a float32/64 tensor (0-d float64, on its device); see :func:`_moments`."""
+    total, sumsq, *_ = _moments(xf, nonfinite=False)
+    return total, sumsq
+
+
+def _moments(xf: torch.Tensor, *, zeros: bool = False, nonfinite: bool = True) -> tuple[torch.Tensor, ...]:
+    """``(sum, sum of squares, min, max, non-finite count, zero count)`` of a float32/64
+    tensor, as 0-d float64 tensors on its device, without synchronisation.
 
     The sums run in the tensor's own precision (PyTorch's cascade summation and
     ``dot``; a float64 ``dtype=`` costs a full conversion copy on CPU) over
     ``(x - c) / s``: ``c`` the midrange, so that a large mean does not cancel the
     variance away, and ``s`` the power of two at or above the largest remaining
     magnitude, so that a float32 sum of squares cannot overflow (the scaling is
-    exact). The shift and scale are undone in float64.
+    exact). The shift and scale are undone in float64. Non-finite values are
+    counted as the NaNs of ``(x - c) * 0``, zeros (when asked) as the NaNs of
+    ``x / x`` minus the non-finite ones.
     """
     low, high = torch.aminmax(xf)
     finite = torch.isfinite(low) & torch.isfinite(high)
@@ -75,15 +103,26 @@ def _moments(xf: torch.Tensor) -> tuple[torch.Tensor, ...]:
     spread = torch.where(finite & (high > low), (high - low) / 2, torch.ones_like(low))
     _, exponent = torch.frexp(spread)
     scale = torch.ldexp(torch.ones_like(spread), exponent)
-    scaled = (xf - center).div_(scale).reshape(-1)
-    n = float(xf.numel())
+    flat = xf.reshape(-1)
+    count_nonfinite = nonfinite
+    shifted = squares = nonfinite = nans = torch.zeros((), dtype=torch.float64, device=xf.device)
+    for part in _chunks(flat):
+        buf = _buffer(part, part.numel())
+        torch.sub(part, center, out=buf).div_(scale)
+        shifted = shifted + buf.sum()
+        squares = squares + torch.dot(buf, buf)
+        if count_nonfinite:
+            nonfinite = nonfinite + buf.mul_(0.0).nan_to_num_(nan=1.0).sum()
+        if zeros:
+            # x / x is 1 where x is finite and non-zero, NaN at zeros and non-finite values.
+            torch.div(part, part, out=buf)
+            nans = nans + (part.numel() - buf.nan_to_num_(nan=0.0).sum())
+    n = float(flat.numel())
     c, s = center.double(), scale.double()
-    shifted_sum = scaled.sum().double() * s
-    total = shifted_sum + n * c
-    sumsq = torch.dot(scaled, scaled).double() * s * s + 2 * c * shifted_sum + n * c * c
-    # (x - c) * 0 is 0 where x is finite and NaN elsewhere: NaN -> 1 counts the non-finite values.
-    nonfinite = scaled.mul_(0.0).nan_to_num_(nan=1.0).sum().double()
-    return total, sumsq, low.double(), high.double(), nonfinite
+    shifted = shifted * s
+    total = shifted + n * c
+    sumsq = squares * s * s + 2 * c * shifted + n * c * c
+    return total, sumsq, low.double(), high.double(), nonfinite, nans - nonfinite
 
 
 def activation_partial(
@@ -106,13 +145,10 @@ def activation_partial(
     size = torch.full((), float(n), dtype=torch.float64, device=xf.device)
     if n == 0:
         nan = torch.full((), math.nan, dtype=torch.float64, device=xf.device)
-        total = sumsq = nonfinite = nonzero = size * 0
+        total = sumsq = nonfinite = zeros = size * 0
         low = high = nan
     else:
-        total, sumsq, low, high, nonfinite = _moments(xf)
-        # x / x is 1 where x is finite and non-zero, NaN at zeros and non-finite values.
-        nonzero = (xf / xf).nan_to_num_(nan=0.0).sum().double()
-    zeros = size - nonfinite - nonzero
+        total, sumsq, low, high, nonfinite, zeros = _moments(xf, zeros=True)
     if saturation_bounds is None:
         saturated = torch.zeros((), dtype=torch.float64, device=xf.device)
     else:
@@ -131,7 +167,7 @@ def gradient_partial(g: torch.Tensor) -> torch.Tensor:
     size = torch.full((), float(gf.numel()), dtype=torch.float64, device=gf.device)
     if gf.numel() == 0:
         return torch.stack([size, size * 0, size * 0, size * 0])
-    total, sumsq, _, _, nonfinite = _moments(gf)
+    total, sumsq, _, _, nonfinite, _ = _moments(gf)
     return torch.stack([size, total, sumsq, nonfinite])
 
 

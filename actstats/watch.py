@@ -100,6 +100,7 @@ class Watch:
         self._recorder: Recorder | None = None
         self._report: Report | None = None
         self._hints: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
+        self._symmetry: dict[nn.Module, bool] = {}
         self._step = 0
         self._entered = False
 
@@ -172,11 +173,13 @@ class Watch:
     def _close(self, step: int, recorder: Recorder) -> str | None:
         recorder.detach()
         named = dict(self.root.named_modules())
-        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named))
+        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named),
+                                        symmetry=self._symmetry)
         summaries = recorder.collect(all_reduce=_all_reduce if _distributed() else None, extra=vector)
         if not summaries:
             return None
         figures = decode(recorder.extra_host) if vector is not None else {}
+        self._symmetry.update({module: fig.symmetric for module, fig in figures.items()})
         shape, n, sumsq, nonfinite = recorder.input_info()
         input_info = InputInfo(shape=shape or (), rms=(sumsq / n) ** 0.5 if n else float("nan"),
                                nonfinite=int(nonfinite))
