@@ -1,10 +1,11 @@
 """Register and remove the hooks that observe every layer call; one record per call.
 
 What is recorded (SPEC 4): every leaf module, every module that owns
-parameters directly, and the functional activations (``F.relu``,
-``torch.sigmoid``, ``Tensor.relu_``, ...) called inside the ``forward`` of a
-module that has children. A functional activation inside a leaf module's own
-implementation (``nn.ReLU`` calls ``F.relu``) belongs to that leaf's record.
+parameters directly (the root only then), and the functional activations
+(``F.relu``, ``torch.sigmoid``, ``Tensor.relu_``, ...) called inside the
+``forward`` of the root or of a module that has children. A functional
+activation inside a leaf module's own implementation (``nn.ReLU`` calls
+``F.relu``) belongs to that leaf's record.
 
 Mechanisms:
 
@@ -13,22 +14,27 @@ Mechanisms:
   running when a forward fails) and, for recorded modules, reduces the first
   tensor input before the call can modify it in place;
 * a forward hook on recorded modules reduces the output;
-* a ``TorchFunctionMode`` intercepts the functional activations;
+* a ``TorchFunctionMode``, entered by the root's forward pre-hook and left by
+  its forward hook (also when the forward raises), intercepts the functional
+  activations;
 * gradients come from a tensor hook registered on each record's output in the
   forward hook. Unlike ``register_full_backward_hook``, a tensor hook stays
   correct when an in-place op (``nn.ReLU(inplace=True)``) later modifies that
   output: autograd hands it the gradient w.r.t. the value the record produced.
 
-Hooks never keep a tensor: each one reduces ``tensor.detach()`` into a small
-partial on the tensor's device (:mod:`actstats.stats`) and appends it to the
-record's state. Nothing is moved to the host until :meth:`Recorder.collect`.
+Hooks never keep a tensor beyond the call that produced it: each one reduces
+``tensor.detach()`` into a small partial on the tensor's device
+(:mod:`actstats.stats`) and appends it to the record's state (the stack of
+running modules refers to their arguments only until they return). Nothing
+is moved to the host here: :meth:`Recorder.gather` merges on the device and the
+caller makes the one transfer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from actstats import stats
+from actstats.report import Histogram, make_histogram
 from actstats.theory import FUNCTIONAL_ACTIVATIONS, Activation, functional_activation, module_activation
 
 _CHANNEL_LAYERS = (
@@ -49,11 +56,16 @@ _CHANNEL_LAYERS = (
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the module inside a DistributedDataParallel / DataParallel wrapper."""
+    """Return the module inside DistributedDataParallel / DataParallel wrappers and
+    ``torch.compile`` (whose original module is probed eagerly)."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def owns_parameters(module: nn.Module) -> bool:
@@ -145,8 +157,8 @@ class RecordSummary:
     grad: stats.GradStats | None
     dead_frac: float | None
     saturation: float | None
-    act_hist: stats.Histogram | None = None
-    grad_hist: stats.Histogram | None = None
+    act_hist: Histogram | None = None
+    grad_hist: Histogram | None = None
 
 
 @dataclass
@@ -203,7 +215,7 @@ class Recorder:
     Example:
         >>> with Recorder(model) as rec:
         ...     model(x).sum().backward()
-        >>> summaries = rec.collect()
+        >>> summaries = actstats.probe.collect(rec)  # merge on the device, one transfer
     """
 
     def __init__(
@@ -428,24 +440,29 @@ class Recorder:
 
     def input_info(self) -> tuple[tuple[int, ...] | None, float, float, float]:
         """``(shape, numel, sum of squares, non-finite count)`` of the root's first input;
-        valid after :meth:`collect`."""
+        valid after the ``decode`` of :meth:`gather`."""
         return (self.input_shape, *self._input_totals)
 
-    def collect(self, *, all_reduce: Any = None, extra: torch.Tensor | None = None) -> list[RecordSummary]:
-        """Merge every record's partials on the device, then move them to the host in one transfer.
+    def gather(self, *, all_reduce: Any = None, extra: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, Callable[[np.ndarray], list[RecordSummary]]]:
+        """Merge every record's partials on the device into one float64 vector.
+
+        The caller moves the vector to the host, once, as a numpy array and
+        passes it to the returned ``decode``, which gives the summaries in
+        execution order. Nothing here synchronises with the device.
 
         Args:
             all_reduce: a function ``(sum_tensor, max_tensor) -> None`` reducing
                 both in place across processes (``watch`` passes one for
                 ``torch.distributed``); every process must hold the same records.
             extra: a float64 vector to bring along in the same transfer (the
-                weight figures); its host copy is left in :attr:`extra_host`.
+                weight figures); ``decode`` leaves its host copy in :attr:`extra_host`.
         """
         self.extra_host = None
         states = sorted(self.records.values(), key=lambda s: s.index)
         self._input_totals = (0.0, 0.0, 0.0)
         if not states:
-            return []
+            return None, lambda host: []
         device = states[0].act_parts[0].device
         inputs = (torch.stack([p.to(device) for p in self._input_parts]).sum(0) if self._input_parts
                   else torch.zeros(3, dtype=torch.float64, device=device))
@@ -474,11 +491,14 @@ class Recorder:
         if all_reduce is not None:
             all_reduce(sum_vec, max_vec)
         tail = [] if extra is None else [extra.to(device=device, dtype=torch.float64)]
-        host = torch.cat([sum_vec, max_vec, *tail]).cpu().numpy()  # the one device-to-host transfer
-        self._input_totals = tuple(float(v) for v in host[:3])  # type: ignore[assignment]
-        end = sum_vec.numel() + max_vec.numel()
-        self.extra_host = host[end:] if extra is not None else None
-        return self._parse(states, host[3: sum_vec.numel()], host[sum_vec.numel():end])
+        n_sum, end = sum_vec.numel(), sum_vec.numel() + max_vec.numel()
+
+        def decode(host: np.ndarray) -> list[RecordSummary]:
+            self._input_totals = tuple(float(v) for v in host[:3])  # type: ignore[assignment]
+            self.extra_host = host[end:] if extra is not None else None
+            return self._parse(states, host[3:n_sum], host[n_sum:end])
+
+        return torch.cat([sum_vec, max_vec, *tail]), decode
 
     def record_modules(self) -> list[str]:
         """Module names of the records so far, in execution order (for :func:`weight_figures`)."""
@@ -511,14 +531,14 @@ class Recorder:
                 i += self.bins
                 low, high = maxes[j:j + 2]
                 j += 2
-                act_hist = stats.make_histogram(counts, low, high, act.min, act.max, row[stats.A_N]
+                act_hist = make_histogram(counts, low, high, act.min, act.max, row[stats.A_N]
                                                 - row[stats.A_NONFINITE], row[stats.A_SUM], row[stats.A_SUMSQ])
             if s.grad_hist is not None:
                 counts = sums[i:i + self.bins]
                 i += self.bins
                 g_high, g_neg_low, low, high = maxes[j:j + 4]
                 j += 4
-                grad_hist = stats.make_histogram(counts, low, high, -g_neg_low, g_high, grad_row[stats.G_N]
+                grad_hist = make_histogram(counts, low, high, -g_neg_low, g_high, grad_row[stats.G_N]
                                                  - grad_row[stats.G_NONFINITE], grad_row[stats.G_SUM],
                                                  grad_row[stats.G_SUMSQ])
             family = s.activation.family if s.activation else None

@@ -17,10 +17,17 @@ from torch import nn
 
 from actstats import inputs as inputs_mod
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.diagnose import Thresholds, diagnose, following_activations, parametric_modules, weight_figures
-from actstats.hooks import Recorder, iter_tensors, unwrap
+from actstats.diagnose import Thresholds, diagnose, following_activations
+from actstats.weights import parametric_modules, weight_figures
+from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
 from actstats.report import InputInfo, Report
 from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
+
+
+def collect(recorder: Recorder, *, all_reduce: Any = None, extra: torch.Tensor | None = None) -> list[RecordSummary]:
+    """Merge a recorder's statistics on the device and bring them to the host in one transfer."""
+    vector, decode = recorder.gather(all_reduce=all_reduce, extra=extra)
+    return decode(vector.cpu().numpy()) if vector is not None else []
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -175,7 +182,7 @@ def probe(
                             notices.append(note)
         named = dict(root.named_modules())
         vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named))
-        summaries = recorder.collect(extra=vector)
+        summaries = collect(recorder, extra=vector)
         figures = decode(recorder.extra_host) if vector is not None else {}
         input_info = _input_info(recorder, first)
         layers, flags = diagnose(summaries, named, input_info, batches=len(made), thresholds=limits,
@@ -202,7 +209,7 @@ def trace_following(root: nn.Module, batch: Any) -> dict[nn.Module, Any]:
             inputs_mod.call(root, batch)
         except Exception as err:
             raise _forward_error(err, recorder, batch, root) from err
-    return following_activations(recorder.collect(), dict(root.named_modules()))
+    return following_activations(collect(recorder), dict(root.named_modules()))
 
 
 def _initialize(root: nn.Module, spec: SchemeSpec, batch: Any, device: torch.device, seed: int) -> InitSummary:

@@ -12,13 +12,83 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actstats.stats import ActStats, GradStats, Histogram
+import numpy as np
+
+from actstats.stats import ActStats, GradStats
 
 SCHEMA = "actstats.report/1"
 COMPARE_SCHEMA = "actstats.compare/1"
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A histogram computed on the device and brought to the host.
+
+    ``counts[i]`` values fell in ``[edges[i], edges[i+1])`` (the last bin
+    closed); ``min``, ``max``, ``num``, ``sum`` and ``sum_squares`` are exact
+    figures of all values, not derived from the bins. Sequences (lists, numpy
+    arrays, CPU tensors) are stored as tuples of floats.
+
+    Example, from values on the host::
+
+        counts, edges = np.histogram(values, bins=30)
+        Histogram(edges, counts, values.min(), values.max(), values.size,
+                  values.sum(), values @ values)
+    """
+
+    edges: Sequence[float]
+    counts: Sequence[float]
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+
+    def __post_init__(self) -> None:
+        edges = np.asarray(self.edges, dtype=np.float64).reshape(-1)
+        counts = np.asarray(self.counts, dtype=np.float64).reshape(-1)
+        if counts.size == 0 or edges.size != counts.size + 1:
+            raise ValueError(
+                f"a histogram needs at least one bin and len(edges) == len(counts) + 1; "
+                f"got {edges.size} edges and {counts.size} counts"
+            )
+        if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+            raise ValueError(
+                f"histogram edges must be finite and strictly increasing; got {edges.tolist()} "
+                f"(for constant data widen the range, e.g. [v - 1, v + 1])"
+            )
+        object.__setattr__(self, "edges", tuple(edges.tolist()))
+        object.__setattr__(self, "counts", tuple(counts.tolist()))
+        for name in ("min", "max", "num", "sum", "sum_squares"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def finite(self) -> bool:
+        """Whether every figure is finite and there is at least one value (what TensorBoard can draw)."""
+        figures = (self.min, self.max, self.num, self.sum, self.sum_squares, *self.counts)
+        return self.num > 0 and all(math.isfinite(v) for v in figures)
+
+    def bucket_limits(self) -> list[float]:
+        """The right edge of each bin: TensorBoard's ``bucket_limit`` (``len(counts)`` values).
+
+        TensorBoard's ``HistogramProto`` stores only right edges; readers take
+        ``min`` as the left edge of the first non-empty bucket and ``max`` as the
+        right edge of the last (``tensorboard/data_compat.py``), so ``edges[0]``
+        is not needed.
+        """
+        return list(self.edges[1:])
+
+
+def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float, vmax: float,
+                   num: float, total: float, sumsq: float) -> Histogram | None:
+    """Assemble a host-side :class:`Histogram`; None when nothing finite was counted."""
+    if not num > 0 or not (math.isfinite(low) and math.isfinite(high) and high > low):
+        return None
+    edges = np.linspace(low, high, len(counts) + 1)
+    return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from actstats.report import Flag, Report
-from actstats.stats import Histogram
+from actstats.report import Histogram
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose, parametric_modules, weight_figures
+from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose
+from actstats.weights import parametric_modules, weight_figures
 from actstats.errors import FlagRaisedError, InputError
 from actstats.hooks import Recorder, RecordSummary, unwrap
+from actstats.probe import collect
 from actstats.report import InputInfo, Report
 
 
@@ -175,7 +177,7 @@ class Watch:
         named = dict(self.root.named_modules())
         vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named),
                                         symmetry=self._symmetry)
-        summaries = recorder.collect(all_reduce=_all_reduce if _distributed() else None, extra=vector)
+        summaries = collect(recorder, all_reduce=_all_reduce if _distributed() else None, extra=vector)
         if not summaries:
             return None
         figures = decode(recorder.extra_host) if vector is not None else {}

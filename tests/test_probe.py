@@ -9,6 +9,7 @@ from torch import nn
 import actstats
 from actstats.errors import ForwardError, InputError, NothingToHookError
 from actstats.hooks import Recorder
+from actstats.probe import collect
 from tests import models
 
 
@@ -128,7 +129,7 @@ def test_inplace_relu_gradients_equal_autograd():
     cotangent = torch.randn(3, 4, 6, 6)
     with Recorder(block) as recorder:
         block(x).backward(cotangent)
-    summaries = recorder.collect()
+    summaries = collect(recorder)
     block.zero_grad()
     # Reference: the same maths written out of place, gradients by autograd.
     outs = block.reference(x)

@@ -1,0 +1,180 @@
+"""Weights held against theory: figures measured on the device, and the report's ``weight`` block.
+
+:func:`weight_figures` measures every parametric module's weights (per gate or
+projection part) into one float64 vector on the device, so that a probe or a
+watched step moves them to the host in its single transfer; :func:`weight_info`
+turns those figures, the fans and the nonlinearity that follows a layer into
+the ``weight`` block (SPEC 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from actstats import stats, theory
+from actstats.hooks import RecordSummary
+from actstats.report import WeightInfo
+
+
+@dataclass(frozen=True)
+class WeightFigures:
+    """A parametric module's weight figures, measured on its device and read in one transfer.
+
+    Attributes:
+        parts: ``(std, rms)`` of each :func:`theory.weight_parts` part (population std).
+        symmetric: every output unit has the same weights and the same bias.
+        first: the first weight value (what a constant init filled in).
+    """
+
+    parts: tuple[tuple[float, float], ...]
+    symmetric: bool
+    first: float
+
+
+def unit_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes output units: 1 for ConvTranspose (``[in, out, *k]``), else 0."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def _units_equal(rows: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: are all rows of ``rows`` (units x inputs) identical?
+
+    One pass (the per-column min and max over units) instead of comparing every
+    weight with the first row's, which allocates a mask as large as the weight.
+    """
+    low, high = torch.aminmax(rows, dim=0)
+    return (low == high).all()
+
+
+def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> torch.Tensor:
+    """A 0-d bool tensor on the weights' device (no synchronisation)."""
+    verdict = torch.ones((), dtype=torch.bool, device=parts[0].tensor.device)
+    for part in parts:
+        w = part.tensor.detach().float()
+        if isinstance(module, nn.Embedding):  # units are columns; symmetric when all values are equal
+            low, high = torch.aminmax(w)
+            verdict = verdict & (low == high)
+            continue
+        rows = w.transpose(0, unit_dim(module)).reshape(w.shape[unit_dim(module)], -1)
+        if rows.shape[0] < 2:
+            return torch.zeros((), dtype=torch.bool, device=w.device)
+        verdict = verdict & _units_equal(rows)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.numel() > 1:
+        low, high = torch.aminmax(bias.detach())
+        verdict = verdict & (low == high).to(verdict.device)
+    return verdict
+
+
+def weight_figures(modules: Sequence[nn.Module], *,
+                   symmetry: Mapping[nn.Module, bool] | None = None) -> tuple[torch.Tensor | None, Any]:
+    """Measure the weights of ``modules`` on their device into one float64 vector.
+
+    Per part the population std and rms come from :func:`stats.sums` (shifted
+    and scaled float32 sums, exact for a constant weight). ``symmetry`` gives the symmetric verdict of
+    modules already checked: training cannot make distinct units identical, nor
+    separate identical ones, so ``watch`` checks each module once. Returns the
+    vector (None when there is nothing to measure) and a function turning its
+    host copy into ``{module: WeightFigures}``, so that a probe or a watched step
+    moves weight figures to the host in the same single transfer as its
+    statistics.
+    """
+    known = symmetry or {}
+    pieces: list[torch.Tensor] = []
+    layout: list[tuple[nn.Module, int]] = []
+    for module in modules:
+        parts = theory.weight_parts(module)
+        if not parts:
+            continue
+        with torch.no_grad():
+            for part in parts:
+                w = stats.as_float(part.tensor)
+                total, sumsq = stats.sums(w)
+                mean, mean_square = total / w.numel(), sumsq / w.numel()
+                pieces += [(mean_square - mean * mean).clamp_min(0.0).sqrt(), mean_square.sqrt()]
+            equal = (torch.full((), float(known[module]), device=parts[0].tensor.device)
+                     if module in known else _all_units_equal(module, parts))
+            pieces += [equal, parts[0].tensor.detach().reshape(-1)[0]]
+        layout.append((module, len(parts)))
+    if not pieces:
+        return None, lambda host: {}
+    device = pieces[0].device
+    vector = torch.stack([p.to(device=device, dtype=torch.float64) for p in pieces])
+
+    def decode(host: Any) -> dict[nn.Module, WeightFigures]:
+        out, i = {}, 0
+        for module, count in layout:
+            parts = tuple((float(host[i + 2 * k]), float(host[i + 2 * k + 1])) for k in range(count))
+            i += 2 * count
+            out[module] = WeightFigures(parts, bool(host[i]), float(host[i + 1]))
+            i += 2
+        return out
+
+    return vector, decode
+
+
+def parametric_modules(names: Sequence[str | None], modules: Mapping[str, nn.Module]) -> list[nn.Module]:
+    """The distinct parametric modules with these names (records' ``module_name``), in order."""
+    found: dict[int, nn.Module] = {}
+    for name in names:
+        module = modules.get(name) if name is not None else None
+        if module is not None and theory.is_parametric(module):
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
+def _part_info(part: theory.WeightPart, figures: tuple[float, float],
+               following: theory.Activation | None) -> dict[str, object]:
+    std, rms = figures
+    if part.nonlinearity is not None:
+        nonlinearity, param = part.nonlinearity, None
+    elif following is not None:
+        nonlinearity, param = following.nonlinearity, following.param
+    else:
+        nonlinearity, param = "linear", None
+    fan_in, fan_out = theory.fans(part.tensor)
+    gain = theory.gain(nonlinearity, param)
+    reference = theory.reference_scheme(nonlinearity)
+    return {
+        "name": part.name,
+        "std": std,
+        "fan_in": fan_in,
+        "fan_out": fan_out,
+        "xavier_std": theory.xavier_std(fan_in, fan_out),
+        "he_std": theory.he_std(fan_in, gain),
+        "lecun_std": theory.lecun_std(fan_in),
+        "expected_std": theory.expected_std(reference, fan_in, fan_out, gain),
+        "reference": reference,
+        "nonlinearity": nonlinearity,
+        "predicted_gain": math.sqrt(fan_in) * rms,
+    }
+
+
+def weight_info(module: nn.Module | None, following: theory.Activation | None, summary: RecordSummary,
+                figures: Mapping[nn.Module, WeightFigures]) -> WeightInfo | None:
+    """The ``weight`` block of a parametric record (None for anything else).
+
+    ``following`` is the activation after the layer (it sets the gain);
+    ``summary`` gives the measured gain ``act.rms / input_rms``.
+    """
+    if module is None or module not in figures:
+        return None
+    measured_parts = figures[module].parts
+    parts = [_part_info(p, f, following) for p, f in zip(theory.weight_parts(module), measured_parts)]
+    main = parts[0]
+    act, input_rms = summary.act.rms, summary.input_rms
+    measured = act / input_rms if input_rms and math.isfinite(input_rms) and not isinstance(module, nn.Embedding) else None
+    return WeightInfo(
+        std=main["std"], fan_in=main["fan_in"], fan_out=main["fan_out"],  # type: ignore[arg-type]
+        xavier_std=main["xavier_std"], he_std=main["he_std"], lecun_std=main["lecun_std"],  # type: ignore[arg-type]
+        expected_std=main["expected_std"], reference=main["reference"],  # type: ignore[arg-type]
+        nonlinearity=main["nonlinearity"], predicted_gain=main["predicted_gain"],  # type: ignore[arg-type]
+        measured_gain=measured,
+        parts=tuple(parts) if len(parts) > 1 else (),
+    )
