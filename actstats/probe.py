@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from actstats import inputs as inputs_mod
-from actstats.errors import ForwardError, InputError, NothingToHookError
 from actstats.diagnose import Thresholds, diagnose, following_activations
-from actstats.weights import parametric_modules, weight_figures
+from actstats.errors import ForwardError, InputError, NothingToHookError
 from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
 from actstats.report import InputInfo, Report
 from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
+from actstats.weights import parametric_modules, weight_figures
 
 
 def collect(recorder: Recorder, *, all_reduce: Any = None, extra: torch.Tensor | None = None) -> list[RecordSummary]:

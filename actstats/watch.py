@@ -15,8 +15,8 @@ step runs no actstats code at all. A sampled step covers every forward and
 backward between two ``step()`` calls (gradient accumulation); forward passes
 run under ``torch.no_grad()`` (evaluation) are left out of it. Closing a
 sampled step merges its statistics on the device, across processes when
-``torch.distributed`` is initialized (one SUM and one MAX all-reduce, whatever
-the number of layers), moves them to the host in one transfer, diagnoses
+``torch.distributed`` is initialized (one all-gather, whatever the number of
+layers), moves them to the host in one transfer, diagnoses
 them, and on rank 0 writes them to TensorBoard.
 """
 
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose
-from actstats.weights import parametric_modules, weight_figures
 from actstats.errors import FlagRaisedError, InputError
 from actstats.hooks import Recorder, RecordSummary, unwrap
 from actstats.probe import collect
 from actstats.report import InputInfo, Report
+from actstats.weights import parametric_modules, weight_figures
 
 
 def _distributed() -> bool:
@@ -46,12 +46,16 @@ def _rank() -> int:
 
 
 def _all_reduce(sums: torch.Tensor, maxes: torch.Tensor) -> None:
-    """Merge a sampled step across processes: counts, sums, sums of squares, zero, non-finite
-    and saturated counts and histogram bins add up; maxima, negated minima and alive-unit
-    masks take the maximum."""
+    """Merge a sampled step across processes with one collective (an all-gather of both
+    vectors): counts, sums, sums of squares, zero, non-finite and saturated counts and
+    histogram bins add up; maxima, negated minima and alive-unit masks take the maximum."""
     dist = torch.distributed
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    local = torch.cat([sums, maxes])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    sums.copy_(stacked[:, : sums.numel()].sum(0))
+    maxes.copy_(stacked[:, sums.numel():].amax(0))
 
 
 class Watch:
@@ -115,8 +119,8 @@ class Watch:
         if (self._logdir is not None or self._writer is not None) and _rank() == 0:
             from actstats.tensorboard import TensorBoardSink
 
-            self._sink = TensorBoardSink(self._logdir, writer=self._writer) if self._writer is None \
-                else TensorBoardSink(writer=self._writer)
+            self._sink = TensorBoardSink(writer=self._writer) if self._writer is not None \
+                else TensorBoardSink(self._logdir)
         self._open_if_sampled()
         return self
 

@@ -3,8 +3,7 @@
     torchrun --nproc-per-node 2 examples/ddp_watch.py --logdir runs/ddp_watch
 
 Each rank trains on its own synthetic data (gloo backend, CPU). On sampled
-steps the ranks merge their statistics exactly (one SUM and one MAX all-reduce
-per step); every rank can read the merged ``w.report()``, and only rank 0
+steps the ranks merge their statistics exactly (one all-gather per step); every rank can read the merged ``w.report()``, and only rank 0
 writes TensorBoard events. Records are named after the inner module (``0``,
 ``1``, ...), without DDP's ``module.`` prefix.
 """

@@ -23,7 +23,6 @@ from actstats.plot import (
     plot_reports,
 )
 
-pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEPTH, WIDTH = 10, 32

@@ -330,3 +330,9 @@ def test_eval_mode_and_no_backward():
     report = actstats.probe(model, torch.ones(2, 4), batches=1, train=False, backward=False)
     assert report.layer("1").act.zero_frac == report.layer("0").act.zero_frac  # dropout is off
     assert all(l.grad is None for l in report.layers)
+
+
+def test_a_compiled_model_is_probed_through_its_original_module():
+    model = models.ReuseReLU()
+    report = actstats.probe(torch.compile(model), torch.randn(4, 6), batches=1)
+    assert [l.name for l in report.layers] == ["fc1", "relu", "fc2", "relu#1", "fc3", "relu#2"]
