@@ -132,14 +132,16 @@ class RecordState:
     module_name: str | None
     activation: Activation | None
     unit_dim: int
-    act_parts: list[torch.Tensor] = field(default_factory=list)
+    act_parts: list[torch.Tensor] = field(default_factory=list)  # raw rows, see stats
+    act_numels: list[int] = field(default_factory=list)
+    input_numels: list[int] = field(default_factory=list)
     grad_parts: list[torch.Tensor] = field(default_factory=list)
+    grad_numels: list[int] = field(default_factory=list)
     alive: torch.Tensor | None = None
     act_hist: torch.Tensor | None = None
     act_range: torch.Tensor | None = None
     grad_hist: torch.Tensor | None = None
     grad_range: torch.Tensor | None = None
-    grad_minmax: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class _Frame:
     name: str
     args: tuple[Any, ...]  # the call's own arguments, alive anyway while it runs
     kwargs: dict[str, Any]
-    inputs: torch.Tensor | None
+    inputs: tuple[torch.Tensor, int] | None  # raw moments block and numel of the first tensor input
 
     @property
     def input_shapes(self) -> str:
@@ -242,9 +244,10 @@ class Recorder:
         self._channel_units = False
         self._mode: _FunctionalActivations | None = None
         self._skipping = False
-        self._last_output: tuple[Any, int, torch.Tensor] | None = None
+        self._last_output: tuple[Any, int, tuple[torch.Tensor, int]] | None = None
         self._activations: dict[int, Activation | None] = {}
         self._input_parts: list[torch.Tensor] = []
+        self._input_numels: list[int] = []
         #: shape of the first tensor given to the root in the first recorded forward
         self.input_shape: tuple[int, ...] | None = None
         #: recorded forward passes of the root (not counting skipped no-grad passes)
@@ -311,6 +314,7 @@ class Recorder:
                         self.input_shape = tuple(x.shape)
                     with torch._C.DisableTorchFunction():
                         self._input_parts.append(stats.input_summary(x))
+                        self._input_numels.append(x.numel())
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
@@ -346,14 +350,14 @@ class Recorder:
                     self._exit_mode()
         return hook
 
-    def _input_partial(self, x: torch.Tensor) -> torch.Tensor:
-        """The input's ``[numel, sum of squares]``; when it is the tensor the previous record
+    def _input_partial(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The input's raw moments block and numel; when it is the tensor the previous record
         produced, unchanged since (same object, same version), that record's figures."""
         last = self._last_output
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
         with torch._C.DisableTorchFunction():
-            return stats.input_partial(x)
+            return stats.input_partial(x), x.numel()
 
     def _functional_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         owner = self.stack[-1] if self.stack else None
@@ -375,7 +379,7 @@ class Recorder:
         module_name: str | None,
         activation: Activation | None,
         output: Any,
-        inputs: torch.Tensor | None,
+        inputs: tuple[torch.Tensor, int] | None,
     ) -> None:
         count = self._calls.get(key, 0)
         self._calls[key] = count + 1
@@ -392,10 +396,12 @@ class Recorder:
         if activation is not None and activation.family == "saturating":
             bounds = (activation.low, activation.high)
         with torch._C.DisableTorchFunction():
-            part = stats.activation_partial(y, inputs, bounds, self.eps)
+            part = stats.activation_partial(y, inputs[0] if inputs else None, bounds, self.eps)
             state.act_parts.append(part)
-            # [numel, sum of squares] of this output, for the next record if it receives it.
-            self._last_output = (weakref.ref(y), y._version, part[stats.A_N:stats.A_SUMSQ + 1:2])
+            state.act_numels.append(y.numel())
+            state.input_numels.append(inputs[1] if inputs else 0)
+            # This output's moments, for the next record if it receives it unchanged.
+            self._last_output = (weakref.ref(y), y._version, (part[:stats.MOMENTS_WIDTH], y.numel()))
             if activation is not None and activation.family == "relu":
                 alive = stats.alive_units(y, state.unit_dim)
                 if state.alive is None:
@@ -404,7 +410,7 @@ class Recorder:
                     state.alive |= alive
             if self.bins:
                 if state.act_range is None:
-                    state.act_range = self._range(name, 0, part[stats.A_MIN:stats.A_MAX + 1])
+                    state.act_range = self._range(name, 0, part[stats.MOMENTS_WIDTH:stats.MOMENTS_WIDTH + 2])
                     state.act_hist = part.new_zeros(self.bins)
                 state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
@@ -421,14 +427,14 @@ class Recorder:
             if not self.active:
                 return
             with torch._C.DisableTorchFunction():
-                state.grad_parts.append(stats.gradient_partial(grad))
+                part = stats.gradient_partial(grad)
+                state.grad_parts.append(part)
+                state.grad_numels.append(grad.numel())
                 if self.bins:
-                    low, high = torch.aminmax(stats.as_float(grad))
-                    minmax = torch.stack([low, high]).double()
-                    state.grad_minmax.append(minmax)
                     if state.grad_range is None:
+                        minmax = part[stats.MOMENTS_WIDTH:stats.MOMENTS_WIDTH + 2]
                         state.grad_range = self._range(state.name, 1, minmax)
-                        state.grad_hist = minmax.new_zeros(self.bins)
+                        state.grad_hist = part.new_zeros(self.bins)
                     state.grad_hist += stats.histogram_counts(grad, state.grad_range, self.bins)
         return hook
 
@@ -464,28 +470,50 @@ class Recorder:
         if not states:
             return None, lambda host: []
         device = states[0].act_parts[0].device
-        inputs = (torch.stack([p.to(device) for p in self._input_parts]).sum(0) if self._input_parts
-                  else torch.zeros(3, dtype=torch.float64, device=device))
+        # Every element count of the step in one host-to-device copy (counts are Python
+        # integers, exact); sliced per record below.
+        counts: list[int] = list(self._input_numels)
+        for s in states:
+            counts += s.act_numels + s.input_numels + s.grad_numels
+        numels = torch.tensor(counts, dtype=torch.float64).to(device)
+        at = len(self._input_numels)
+
+        def take(k: int) -> torch.Tensor:
+            nonlocal at
+            at += k
+            return numels[at - k:at]
+
+        if self._input_parts:
+            raw = torch.stack([p.to(device) for p in self._input_parts])
+            inputs = stats.finalize_inputs(raw, numels[:len(self._input_parts)])
+        else:
+            inputs = torch.zeros(3, dtype=torch.float64, device=device)
         sums: list[torch.Tensor] = [inputs]
         maxes: list[torch.Tensor] = []
         for s in states:
-            act = torch.stack([p.to(device) for p in s.act_parts])
+            k = len(s.act_parts)
+            act = stats.finalize_activations(torch.stack([p.to(device) for p in s.act_parts]), take(k), take(k))
             sums.append(act[:, _ACT_ADDITIVE].sum(0))
             low = act[:, stats.A_MIN].nan_to_num(nan=float("inf")).amin()
             high = act[:, stats.A_MAX].nan_to_num(nan=float("-inf")).amax()
             maxes.append(torch.stack([high, -low]))
-            grad = (torch.stack([p.to(device) for p in s.grad_parts]).sum(0) if s.grad_parts
-                    else act.new_zeros(stats.GRAD_WIDTH))
-            sums.append(grad)
+            if s.grad_parts:
+                grad = stats.finalize_gradients(torch.stack([p.to(device) for p in s.grad_parts]),
+                                                take(len(s.grad_parts)))
+                sums.append(grad[:, :_GRAD_ADDITIVE].sum(0))
+                g_low = grad[:, stats.G_MIN].nan_to_num(nan=float("inf")).amin()
+                g_high = grad[:, stats.G_MAX].nan_to_num(nan=float("-inf")).amax()
+            else:
+                sums.append(act.new_zeros(_GRAD_ADDITIVE))
+                g_low = g_high = act.new_zeros(())
             if s.alive is not None:
                 maxes.append(s.alive.to(device, torch.float64))
             if s.act_hist is not None:
                 sums.append(s.act_hist.to(device))
                 maxes.append(s.act_range.to(device))  # type: ignore[union-attr]
             if s.grad_hist is not None:
-                mm = torch.stack([m.to(device) for m in s.grad_minmax])
                 sums.append(s.grad_hist.to(device))
-                maxes.append(torch.stack([mm[:, 1].amax(), -mm[:, 0].amin()]))
+                maxes.append(torch.stack([g_high, -g_low]))
                 maxes.append(s.grad_range.to(device))  # type: ignore[union-attr]
         sum_vec, max_vec = torch.cat(sums), torch.cat(maxes)
         if all_reduce is not None:
@@ -516,8 +544,8 @@ class Recorder:
             high, neg_low = maxes[j:j + 2]
             j += 2
             row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (float("nan"),) * 2
-            grad_row = sums[i:i + stats.GRAD_WIDTH]
-            i += stats.GRAD_WIDTH
+            grad_row = sums[i:i + _GRAD_ADDITIVE]
+            i += _GRAD_ADDITIVE
             dead_frac = None
             if s.alive is not None:
                 alive = maxes[j:j + s.alive.numel()]
@@ -554,6 +582,7 @@ class Recorder:
 
 
 _ACT_ADDITIVE = [c for c in range(stats.ACT_WIDTH) if c not in (stats.A_MIN, stats.A_MAX)]
+_GRAD_ADDITIVE = stats.G_NONFINITE + 1  # count, sum, sum of squares, non-finite
 
 
 def _finite(x: float) -> bool:

@@ -23,12 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Columns of an activation partial.
+# Columns of an activation partial, after :func:`finalize_activations` (additive but for min/max).
 A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
 ACT_WIDTH = 10
-# Columns of a gradient partial.
-G_N, G_SUM, G_SUMSQ, G_NONFINITE = range(4)
-GRAD_WIDTH = 4
+# Columns of a gradient partial, after :func:`finalize_gradients`.
+G_N, G_SUM, G_SUMSQ, G_NONFINITE, G_MIN, G_MAX = range(6)
+GRAD_WIDTH = 6
+
+# What a hook stores per call (a "raw" row, float64): the sums of (x - c) / s with c and s,
+# so that taking the shift and scale back out happens once per step over all calls. The
+# element counts are Python integers kept beside the rows (exact, and no device work).
+MOMENTS_WIDTH = 4  # c, s, sum, sum of squares
+RAW_ACT_WIDTH = MOMENTS_WIDTH + 5 + MOMENTS_WIDTH  # moments, min, max, nonfinite, NaNs of x/x, saturated, input
+RAW_GRAD_WIDTH = MOMENTS_WIDTH + 3  # moments, min, max, nonfinite
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -40,21 +47,26 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def input_partial(x: torch.Tensor) -> torch.Tensor:
-    """Return ``[numel, sum of squares]`` of an input tensor as float64, on its device."""
+    """The raw moments block (``MOMENTS_WIDTH`` float64 values) of a layer's input."""
     xf = as_float(x)
     if xf.numel() == 0:
-        return torch.zeros(2, dtype=torch.float64, device=xf.device)
-    _, sumsq, _, _, _, _ = _moments(xf)
-    return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq])
+        return torch.zeros(MOMENTS_WIDTH, dtype=torch.float64, device=xf.device)
+    return torch.stack(_raw_moments(xf, nonfinite=False)[:MOMENTS_WIDTH]).double()
 
 
 def input_summary(x: torch.Tensor) -> torch.Tensor:
-    """``[numel, sum of squares, non-finite count]`` of a model input, float64 on its device."""
+    """The raw moments block of a model input followed by its non-finite count."""
     xf = as_float(x)
     if xf.numel() == 0:
-        return torch.zeros(3, dtype=torch.float64, device=xf.device)
-    _, sumsq, _, _, nonfinite, _ = _moments(xf)
-    return torch.stack([torch.full_like(sumsq, float(xf.numel())), sumsq, nonfinite])
+        return torch.zeros(MOMENTS_WIDTH + 1, dtype=torch.float64, device=xf.device)
+    raw = _raw_moments(xf)
+    return torch.stack([*raw[:MOMENTS_WIDTH], raw[6]]).double()
+
+
+def finalize_inputs(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Merged ``[numel, sum of squares, non-finite count]`` of :func:`input_summary` rows."""
+    total_n, _, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
+    return torch.stack([total_n, sumsq, raw[:, MOMENTS_WIDTH].double()], dim=1).sum(0)
 
 
 #: Elementwise work runs in chunks of at most this many values, inside one reused
@@ -78,50 +90,60 @@ def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
 
 
 def sums(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and sum of squares of a float32/64 tensor (0-d float64, on its device); see :func:`_moments`."""
-    total, sumsq, *_ = _moments(xf, nonfinite=False)
-    return total, sumsq
+    """Sum and sum of squares of a float32/64 tensor (0-d float64, on its device); see :func:`_raw_moments`."""
+    raw = torch.stack(_raw_moments(xf, nonfinite=False)[:MOMENTS_WIDTH]).double()
+    numels = torch.full((1,), float(xf.numel()), dtype=torch.float64, device=xf.device)
+    _, total, sumsq = _undo(raw[None], numels)
+    return total[0], sumsq[0]
 
 
-def _moments(xf: torch.Tensor, *, zeros: bool = False, nonfinite: bool = True) -> tuple[torch.Tensor, ...]:
-    """``(sum, sum of squares, min, max, non-finite count, zero count)`` of a float32/64
-    tensor, as 0-d float64 tensors on its device, without synchronisation.
+def _raw_moments(xf: torch.Tensor, *, zeros: bool = False, nonfinite: bool = True) -> list[torch.Tensor]:
+    """``[c, s, sum, sum of squares, min, max, non-finite count, NaNs of x / x]`` of a
+    non-empty float32/64 tensor: 0-d tensors of its dtype on its device, no synchronisation.
 
     The sums run in the tensor's own precision (PyTorch's cascade summation and
     ``dot``; a float64 ``dtype=`` costs a full conversion copy on CPU) over
-    ``(x - c) / s``: ``c`` the midrange, so that a large mean does not cancel the
-    variance away, and ``s`` the power of two at or above the largest remaining
-    magnitude, so that a float32 sum of squares cannot overflow (the scaling is
-    exact). The shift and scale are undone in float64. Non-finite values are
-    counted as the NaNs of ``(x - c) * 0``, zeros (when asked) as the NaNs of
-    ``x / x`` minus the non-finite ones.
+    ``(x - c) / s``: ``c`` the first value (zero if it is not finite), so that a
+    large mean does not cancel the variance away, and ``s`` the power of two
+    above the largest ``|x - c|``, so that a float32 sum of squares cannot
+    overflow (the scaling is exact). :func:`_undo` takes the shift and scale back
+    out, in float64, once per step for all calls. Non-finite values are counted
+    as the NaNs of ``(x - c) * 0``; zeros (when asked) follow from the NaNs of
+    ``x / x``. The elementwise work runs in chunks inside one reused scratch
+    buffer, so the counts are exact float32 sums. Few operations per call: their
+    number, not their size, is what a small layer pays.
     """
     low, high = torch.aminmax(xf)
-    finite = torch.isfinite(low) & torch.isfinite(high)
-    center = torch.where(finite, (low + high) / 2, torch.zeros_like(low))
-    spread = torch.where(finite & (high > low), (high - low) / 2, torch.ones_like(low))
-    _, exponent = torch.frexp(spread)
-    scale = torch.ldexp(torch.ones_like(spread), exponent)
     flat = xf.reshape(-1)
-    count_nonfinite = nonfinite
-    shifted = squares = nonfinite = nans = torch.zeros((), dtype=torch.float64, device=xf.device)
+    center = flat[0].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    _, exponent = torch.frexp(torch.maximum(high - center, center - low))
+    scale = torch.exp2(exponent.to(xf.dtype))
+    rows: list[list[torch.Tensor]] = []
     for part in _chunks(flat):
         buf = _buffer(part, part.numel())
         torch.sub(part, center, out=buf).div_(scale)
-        shifted = shifted + buf.sum()
-        squares = squares + torch.dot(buf, buf)
-        if count_nonfinite:
-            nonfinite = nonfinite + buf.mul_(0.0).nan_to_num_(nan=1.0).sum()
+        row = [buf.sum(), torch.dot(buf, buf)]
+        row.append(buf.mul_(0.0).nan_to_num_(nan=1.0).sum() if nonfinite else row[0] * 0)
         if zeros:
-            # x / x is 1 where x is finite and non-zero, NaN at zeros and non-finite values.
-            torch.div(part, part, out=buf)
-            nans = nans + (part.numel() - buf.nan_to_num_(nan=0.0).sum())
-    n = float(flat.numel())
-    c, s = center.double(), scale.double()
-    shifted = shifted * s
-    total = shifted + n * c
-    sumsq = squares * s * s + 2 * c * shifted + n * c * c
-    return total, sumsq, low.double(), high.double(), nonfinite, nans - nonfinite
+            torch.div(part, part, out=buf)  # 1 where x is finite and non-zero, else NaN
+            row.append(part.numel() - buf.nan_to_num_(nan=0.0).sum())
+        else:
+            row.append(row[0] * 0)
+        rows.append(row)
+    if len(rows) == 1:
+        shifted, squares, bad, nans = rows[0]
+    else:  # tensors over CHUNK values only, where a few more operations do not matter
+        shifted, squares, bad, nans = (torch.stack([r[k] for r in rows]).sum() for k in range(4))
+    return [center, scale, shifted, squares, low, high, bad, nans]
+
+
+def _undo(raw: torch.Tensor, numels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(n, sum, sum of squares)`` per row of raw moments blocks (float64 ``[k, 4]``)."""
+    c, s = raw[:, 0], raw[:, 1]
+    shifted = raw[:, 2] * s
+    total = shifted + numels * c
+    sumsq = raw[:, 3] * s * s + c * (2 * shifted + numels * c)
+    return numels, total, sumsq
 
 
 def activation_partial(
@@ -130,7 +152,7 @@ def activation_partial(
     saturation_bounds: tuple[float, float] | None,
     eps: float,
 ) -> torch.Tensor:
-    """Reduce an output tensor into an activation partial (``ACT_WIDTH`` float64 values).
+    """Reduce an output tensor into a raw activation row (``RAW_ACT_WIDTH`` float64 values).
 
     Args:
         x: the output of one layer call (any shape, any floating dtype).
@@ -140,34 +162,46 @@ def activation_partial(
         eps: the saturation tolerance.
     """
     xf = as_float(x)
-    n = xf.numel()
-    size = torch.full((), float(n), dtype=torch.float64, device=xf.device)
-    if n == 0:
-        nan = torch.full((), math.nan, dtype=torch.float64, device=xf.device)
-        total = sumsq = nonfinite = zeros = size * 0
-        low = high = nan
-    else:
-        total, sumsq, low, high, nonfinite, zeros = _moments(xf, zeros=True)
+    if xf.numel() == 0:
+        row = torch.zeros(RAW_ACT_WIDTH, dtype=torch.float64, device=xf.device)
+        row[MOMENTS_WIDTH:MOMENTS_WIDTH + 2] = math.nan
+        return row
+    raw = _raw_moments(xf, zeros=True)
     if saturation_bounds is None:
-        saturated = torch.zeros((), dtype=torch.float64, device=xf.device)
+        saturated = raw[6] * 0
     else:
         lo, hi = saturation_bounds
-        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum().double()
+        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum().to(xf.dtype)
+    head = torch.stack([*raw, saturated]).double()
     if inputs is None:
-        inputs = torch.stack([size * 0, torch.full_like(size, math.nan)])
-    return torch.stack([size, total, sumsq, low, high, zeros, nonfinite, saturated,
-                        *inputs.to(xf.device)])
+        inputs = torch.zeros(MOMENTS_WIDTH, dtype=torch.float64, device=xf.device)
+    return torch.cat([head, inputs.to(head.device)])
+
+
+def finalize_activations(raw: torch.Tensor, numels: torch.Tensor, in_numels: torch.Tensor) -> torch.Tensor:
+    """Turn raw activation rows ``[k, RAW_ACT_WIDTH]`` into ``[k, ACT_WIDTH]`` partials."""
+    n, total, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
+    _, _, in_sumsq = _undo(raw[:, RAW_ACT_WIDTH - MOMENTS_WIDTH:], in_numels)
+    low, high, bad, nans, saturated = (raw[:, MOMENTS_WIDTH + k] for k in range(5))
+    in_sumsq = torch.where(in_numels > 0, in_sumsq, torch.full_like(in_sumsq, math.nan))
+    return torch.stack([n, total, sumsq, low, high, nans - bad, bad, saturated, in_numels, in_sumsq], dim=1)
 
 
 def gradient_partial(g: torch.Tensor) -> torch.Tensor:
-    """Reduce a gradient tensor into a gradient partial (``GRAD_WIDTH`` float64 values):
-    count, sum, sum of squares, non-finite count."""
+    """Reduce a gradient tensor into a raw gradient row (``RAW_GRAD_WIDTH`` float64 values)."""
     gf = as_float(g)
-    size = torch.full((), float(gf.numel()), dtype=torch.float64, device=gf.device)
     if gf.numel() == 0:
-        return torch.stack([size, size * 0, size * 0, size * 0])
-    total, sumsq, _, _, nonfinite, _ = _moments(gf)
-    return torch.stack([size, total, sumsq, nonfinite])
+        row = torch.zeros(RAW_GRAD_WIDTH, dtype=torch.float64, device=gf.device)
+        row[MOMENTS_WIDTH:MOMENTS_WIDTH + 2] = math.nan
+        return row
+    return torch.stack(_raw_moments(gf)[:RAW_GRAD_WIDTH]).double()
+
+
+def finalize_gradients(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Turn raw gradient rows ``[k, RAW_GRAD_WIDTH]`` into ``[k, GRAD_WIDTH]`` partials."""
+    n, total, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
+    low, high, bad = (raw[:, MOMENTS_WIDTH + k] for k in range(3))
+    return torch.stack([n, total, sumsq, bad, low, high], dim=1)
 
 
 def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:

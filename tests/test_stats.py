@@ -9,8 +9,14 @@ import torch
 from actstats import stats
 
 
+def _counts(chunks):
+    return torch.tensor([float(c.numel()) for c in chunks], dtype=torch.float64)
+
+
 def _merge_act(chunks, bounds=None, eps=0.01):
-    parts = torch.stack([stats.activation_partial(c, None, bounds, eps) for c in chunks])
+    raw = torch.stack([stats.activation_partial(c, None, bounds, eps) for c in chunks])
+    n = _counts(chunks)
+    parts = stats.finalize_activations(raw, n, torch.zeros_like(n))
     return stats.summarize_activations(parts.numpy())
 
 
@@ -48,8 +54,9 @@ def test_counts_zeros_nonfinite_and_saturation():
 
 def test_input_partial_gives_rms():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    part = stats.activation_partial(x, stats.input_partial(x), None, 0.01)
-    _, input_rms, input_numel, _ = stats.summarize_activations(part[None].numpy())
+    raw = stats.activation_partial(x, stats.input_partial(x), None, 0.01)[None]
+    part = stats.finalize_activations(raw, _counts([x]), _counts([x]))
+    _, input_rms, input_numel, _ = stats.summarize_activations(part.numpy())
     assert input_rms == pytest.approx(math.sqrt(25 / 4)) and input_numel == 4
 
 
@@ -62,8 +69,10 @@ def test_half_precision_is_accumulated_in_float32():
 
 def test_gradient_partials_merge():
     g1, g2 = torch.tensor([1.0, -1.0]), torch.tensor([3.0, 3.0, 3.0])
-    parts = torch.stack([stats.gradient_partial(g1), stats.gradient_partial(g2)]).numpy()
+    raw = torch.stack([stats.gradient_partial(g1), stats.gradient_partial(g2)])
+    parts = stats.finalize_gradients(raw, _counts([g1, g2])).numpy()
     grad = stats.summarize_gradients(parts)
+    assert (parts[:, stats.G_MIN].min(), parts[:, stats.G_MAX].max()) == (-1.0, 3.0)
     union = np.array([1.0, -1.0, 3.0, 3.0, 3.0])
     assert grad.mean == pytest.approx(union.mean())
     assert grad.std == pytest.approx(union.std())
