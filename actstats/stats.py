@@ -6,8 +6,9 @@ partials of many calls and batches are merged on the host once by adding
 counts, sums and sums of squares in float64, so the result is the statistic of
 all values seen together, never an average of per-batch figures. Within one
 call the sums run in float32 (float64 for float64 tensors) on values shifted
-by their midrange and scaled by a power of two, which keeps them accurate for
-large means and free of overflow; see :func:`_moments`.
+by their first value and scaled by a power of two, which keeps them accurate
+for large means and free of overflow; the shift and scale come back out once
+per step (see :func:`_raw_moments`).
 
 Conventions: standard deviations are population figures (divide by N),
 ``std = sqrt(E[x^2] - E[x]^2)`` from the merged sums; ``rms = sqrt(E[x^2])``;

@@ -104,3 +104,34 @@ def test_setup_commands_match_ci():
     test_command = "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q"
     assert test_command in first_block
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_the_python_api_block_runs():
+    block = next(b for b in python_blocks() if "actstats.probe(model" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["result"].best in {"default", "xavier", "kaiming"}
+    assert namespace["report"].init == "lsuv"
+
+
+def test_the_watch_loop_block_runs(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    block = next(b for b in python_blocks() if "actstats.watch(model" in b)
+    monkeypatch.chdir(tmp_path)  # it writes runs/exp
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    namespace = {
+        "model": model,
+        "loader": [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(3)],
+        "loss_fn": nn.functional.mse_loss,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.01),
+    }
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["w"].report() is not None  # step 0 was sampled
+    assert (tmp_path / "runs" / "exp").is_dir()
