@@ -137,3 +137,20 @@ def test_help_lists_every_option_with_defaults():
                    "--seed", "--device", "--eval", "--no-backward", "--format", "--json", "--debug"]:
         assert option in result.stdout, option
     assert "default: 4" in result.stdout
+
+
+def test_logdir_writes_tensorboard_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run("probe", CIFAR, "--input-shape", "3,32,32", "--batch-size", "4", "--batches", "1",
+                 "--logdir", str(tmp_path / "probe"), "--bins", "16")
+    assert result.exit_code == 0, result.output
+    acc = EventAccumulator(str(tmp_path / "probe"), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    histogram = acc.Histograms("activations/conv1")[0].histogram_value
+    assert len(histogram.bucket) == 16 and sum(histogram.bucket) == 4 * 6 * 28 * 28
+    assert [e.step for e in acc.Scalars("propagation/act_rms")] == list(range(11))
+    result = run("compare", "examples/deep_mlp.py:build", "--inits", "default,normal:std=0.05", "--batches", "1",
+                 "--logdir", str(tmp_path / "cmp"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["default", "normal_std=0.05"]
