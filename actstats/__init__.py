@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from actstats.errors import ActStatsError
 from actstats.diagnose import Thresholds
+from actstats.errors import ActStatsError
 from actstats.probe import probe
 from actstats.report import Flag, LayerReport, Report
 from actstats.schemes import InitSummary, init_weights

@@ -217,7 +217,8 @@ class Recorder:
     Example:
         >>> with Recorder(model) as rec:
         ...     model(x).sum().backward()
-        >>> summaries = actstats.probe.collect(rec)  # merge on the device, one transfer
+        >>> from actstats.probe import collect
+        >>> summaries = collect(rec)  # merged on the device, one transfer
     """
 
     def __init__(
