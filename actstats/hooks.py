@@ -33,6 +33,7 @@ caller makes the one transfer.
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -473,40 +474,37 @@ class Recorder:
         device = states[0].act_parts[0].device
         # Every element count of the step in one host-to-device copy (counts are Python
         # integers, exact); sliced per record below.
-        counts: list[int] = list(self._input_numels)
-        for s in states:
-            counts += s.act_numels + s.input_numels + s.grad_numels
-        numels = torch.tensor(counts, dtype=torch.float64).to(device)
-        at = len(self._input_numels)
-
-        def take(k: int) -> torch.Tensor:
-            nonlocal at
-            at += k
-            return numels[at - k:at]
-
+        # All records' rows are finalized together, then reduced per record with index_add /
+        # scatter_reduce: a fixed number of device operations per step, whatever the number of
+        # layers. Element counts and row owners (Python integers) reach the device in one copy.
+        n_rec = len(states)
+        act_rows = [p for s in states for p in s.act_parts]
+        grad_rows = [p for s in states for p in s.grad_parts]
+        meta = (list(self._input_numels) + [n for s in states for n in s.act_numels]
+                + [n for s in states for n in s.input_numels] + [n for s in states for n in s.grad_numels]
+                + [r for r, s in enumerate(states) for _ in s.act_parts]
+                + [r for r, s in enumerate(states) for _ in s.grad_parts])
+        pieces = torch.tensor(meta, dtype=torch.float64).to(device).split(
+            [len(self._input_numels), len(act_rows), len(act_rows), len(grad_rows), len(act_rows), len(grad_rows)])
+        in_numels, act_numels, act_in_numels, grad_numels, act_owner, grad_owner = pieces
         if self._input_parts:
             raw = torch.stack([p.to(device) for p in self._input_parts])
-            inputs = stats.finalize_inputs(raw, numels[:len(self._input_parts)])
+            inputs = stats.finalize_inputs(raw, in_numels)
         else:
             inputs = torch.zeros(3, dtype=torch.float64, device=device)
-        sums: list[torch.Tensor] = [inputs]
-        maxes: list[torch.Tensor] = []
-        for s in states:
-            k = len(s.act_parts)
-            act = stats.finalize_activations(torch.stack([p.to(device) for p in s.act_parts]), take(k), take(k))
-            sums.append(act[:, _ACT_ADDITIVE].sum(0))
-            low = act[:, stats.A_MIN].nan_to_num(nan=float("inf")).amin()
-            high = act[:, stats.A_MAX].nan_to_num(nan=float("-inf")).amax()
-            maxes.append(torch.stack([high, -low]))
-            if s.grad_parts:
-                grad = stats.finalize_gradients(torch.stack([p.to(device) for p in s.grad_parts]),
-                                                take(len(s.grad_parts)))
-                sums.append(grad[:, :_GRAD_ADDITIVE].sum(0))
-                g_low = grad[:, stats.G_MIN].nan_to_num(nan=float("inf")).amin()
-                g_high = grad[:, stats.G_MAX].nan_to_num(nan=float("-inf")).amax()
-            else:
-                sums.append(act.new_zeros(_GRAD_ADDITIVE))
-                g_low = g_high = act.new_zeros(())
+        act = stats.finalize_activations(torch.stack([p.to(device) for p in act_rows]), act_numels, act_in_numels)
+        act_sums, act_high, act_low = _per_record(act, act_owner.long(), n_rec, _ACT_ADDITIVE,
+                                                  stats.A_MAX, stats.A_MIN)
+        if grad_rows:
+            grad = stats.finalize_gradients(torch.stack([p.to(device) for p in grad_rows]), grad_numels)
+            grad_sums, grad_high, grad_low = _per_record(grad, grad_owner.long(), n_rec,
+                                                         list(range(_GRAD_ADDITIVE)), stats.G_MAX, stats.G_MIN)
+        else:
+            grad_sums = act.new_zeros(n_rec, _GRAD_ADDITIVE)
+            grad_high, grad_low = act.new_full((n_rec,), -math.inf), act.new_full((n_rec,), math.inf)
+        sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
+        maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
+        for s in states:  # per-record extras: alive-unit masks and histograms
             if s.alive is not None:
                 maxes.append(s.alive.to(device, torch.float64))
             if s.act_hist is not None:
@@ -514,7 +512,6 @@ class Recorder:
                 maxes.append(s.act_range.to(device))  # type: ignore[union-attr]
             if s.grad_hist is not None:
                 sums.append(s.grad_hist.to(device))
-                maxes.append(torch.stack([g_high, -g_low]))
                 maxes.append(s.grad_range.to(device))  # type: ignore[union-attr]
         sum_vec, max_vec = torch.cat(sums), torch.cat(maxes)
         if all_reduce is not None:
@@ -535,18 +532,19 @@ class Recorder:
         return [s.module_name for s in ordered if s.module_name is not None]
 
     def _parse(self, states: list[RecordState], sums: Any, maxes: Any) -> list[RecordSummary]:
+        n_rec, n_act = len(states), len(_ACT_ADDITIVE)
+        act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act)
+        grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE)
+        extremes = maxes[:n_rec * 4].reshape(n_rec, 4)
+        i, j = n_rec * (n_act + _GRAD_ADDITIVE), n_rec * 4  # where the per-record extras start
         out: list[RecordSummary] = []
-        i = j = 0
-        for s in states:
+        for r, s in enumerate(states):
             row = [0.0] * stats.ACT_WIDTH
-            for col, value in zip(_ACT_ADDITIVE, sums[i:i + len(_ACT_ADDITIVE)]):
+            for col, value in zip(_ACT_ADDITIVE, act_sums[r]):
                 row[col] = value
-            i += len(_ACT_ADDITIVE)
-            high, neg_low = maxes[j:j + 2]
-            j += 2
-            row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (float("nan"),) * 2
-            grad_row = sums[i:i + _GRAD_ADDITIVE]
-            i += _GRAD_ADDITIVE
+            high, neg_low, g_high, g_neg_low = extremes[r]
+            row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (math.nan,) * 2
+            grad_row = grad_sums[r]
             dead_frac = None
             if s.alive is not None:
                 alive = maxes[j:j + s.alive.numel()]
@@ -558,18 +556,19 @@ class Recorder:
             if s.act_hist is not None:
                 counts = sums[i:i + self.bins]
                 i += self.bins
-                low, high = maxes[j:j + 2]
+                low, top = maxes[j:j + 2]
                 j += 2
-                act_hist = make_histogram(counts, low, high, act.min, act.max, row[stats.A_N]
-                                                - row[stats.A_NONFINITE], row[stats.A_SUM], row[stats.A_SUMSQ])
+                act_hist = make_histogram(counts, low, top, act.min, act.max,
+                                          row[stats.A_N] - row[stats.A_NONFINITE], row[stats.A_SUM],
+                                          row[stats.A_SUMSQ])
             if s.grad_hist is not None:
                 counts = sums[i:i + self.bins]
                 i += self.bins
-                g_high, g_neg_low, low, high = maxes[j:j + 4]
-                j += 4
-                grad_hist = make_histogram(counts, low, high, -g_neg_low, g_high, grad_row[stats.G_N]
-                                                 - grad_row[stats.G_NONFINITE], grad_row[stats.G_SUM],
-                                                 grad_row[stats.G_SUMSQ])
+                low, top = maxes[j:j + 2]
+                j += 2
+                grad_hist = make_histogram(counts, low, top, -g_neg_low, g_high,
+                                           grad_row[stats.G_N] - grad_row[stats.G_NONFINITE],
+                                           grad_row[stats.G_SUM], grad_row[stats.G_SUMSQ])
             family = s.activation.family if s.activation else None
             out.append(RecordSummary(
                 name=s.name, type=s.type, index=s.index, module_name=s.module_name,
@@ -580,6 +579,16 @@ class Recorder:
             ))
         return out
 
+
+def _per_record(rows: torch.Tensor, owner: torch.Tensor, n_rec: int, additive: list[int],
+                high_col: int, low_col: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum the additive columns of ``rows`` per owning record; max and min of two columns."""
+    sums = rows.new_zeros(n_rec, len(additive)).index_add_(0, owner, rows[:, additive])
+    high = rows.new_full((n_rec,), -math.inf).scatter_reduce_(
+        0, owner, rows[:, high_col].nan_to_num(nan=-math.inf), "amax")
+    low = rows.new_full((n_rec,), math.inf).scatter_reduce_(
+        0, owner, rows[:, low_col].nan_to_num(nan=math.inf), "amin")
+    return sums, high, low
 
 
 _ACT_ADDITIVE = [c for c in range(stats.ACT_WIDTH) if c not in (stats.A_MIN, stats.A_MAX)]
