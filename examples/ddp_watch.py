@@ -46,6 +46,7 @@ def main() -> None:
         print(f"rank {rank}/{dist.get_world_size()} (pid {os.getpid()}): merged act std of "
               f"'{report.layers[0].name}' = {report.layers[0].act.std:.4f}; flags: "
               f"{', '.join(f.kind for f in report.flags) or 'none'}")
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

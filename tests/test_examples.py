@@ -118,7 +118,7 @@ def test_ddp_watch_example_under_torchrun(tmp_path):
                str(ROOT / "examples" / "ddp_watch.py"),
                "--steps", "4", "--every", "2", "--logdir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-2000:]
     # The two processes share stdout: their lines may interleave, so match, don't split.
     found = dict(re.findall(r"rank (\d)/2 \(pid \d+\): merged act std of '0' = ([0-9.]+)", done.stdout))
     assert set(found) == {"0", "1"}, done.stdout

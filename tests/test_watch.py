@@ -251,6 +251,7 @@ def _ddp_worker(rank, world, port, logdir, results):
             "dead": report.layer("1").dead_frac,
             "local": seen[-1],
         }
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
