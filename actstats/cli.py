@@ -21,12 +21,6 @@ EXIT_FLAGGED = 1
 EXIT_BAD_INPUT = 2
 
 
-class _Abort(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and exit code 2 (``--debug``: re-raise)."""
 

@@ -148,17 +148,6 @@ def call(model: nn.Module, batch: Batch) -> Any:
     return model(*args)
 
 
-def first_input(batch: Batch) -> torch.Tensor | None:
-    """The first tensor of a batch (its shape and rms go to the report's ``input``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
-
 def synthetic(
     shape: tuple[int, ...],
     *,

@@ -9,6 +9,7 @@ parameter's ``.grad`` touched (gradients are taken with ``torch.autograd.grad``)
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,15 +20,43 @@ from actstats import inputs as inputs_mod
 from actstats.diagnose import Thresholds, diagnose, following_activations
 from actstats.errors import ForwardError, InputError, NothingToHookError
 from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
-from actstats.report import InputInfo, Report
+from actstats.report import Flag, Histogram, InputInfo, LayerReport, Report
 from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
-from actstats.weights import parametric_modules, weight_figures
+from actstats.weights import WeightFigures, parametric_modules, weight_figures
 
 
 def collect(recorder: Recorder, *, all_reduce: Any = None, extra: torch.Tensor | None = None) -> list[RecordSummary]:
     """Merge a recorder's statistics on the device and bring them to the host in one transfer."""
     vector, decode = recorder.gather(all_reduce=all_reduce, extra=extra)
     return decode(vector.cpu().numpy()) if vector is not None else []
+
+
+@dataclass(frozen=True)
+class Concluded:
+    """What one probe or sampled step concluded, once its statistics reached the host."""
+
+    summaries: list[RecordSummary]
+    input: InputInfo
+    layers: tuple[LayerReport, ...]
+    flags: tuple[Flag, ...]
+    figures: Mapping[nn.Module, WeightFigures]
+    histograms: dict[str, tuple[Histogram | None, Histogram | None]]
+
+
+def conclude(recorder: Recorder, root: nn.Module, *, thresholds: Thresholds, eps: float,
+             all_reduce: Any = None, symmetry: Mapping[nn.Module, bool] | None = None) -> Concluded:
+    """Merge a recorder's statistics (across processes with ``all_reduce``), bring them and the
+    weight figures to the host in one transfer, and diagnose them: shared by probe and watch."""
+    named = dict(root.named_modules())
+    vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named), symmetry=symmetry)
+    summaries = collect(recorder, all_reduce=all_reduce, extra=vector)
+    figures = decode(recorder.extra_host) if vector is not None and summaries else {}
+    shape, n, sumsq, nonfinite = recorder.input_info()
+    info = InputInfo(shape=shape or (), rms=(sumsq / n) ** 0.5 if n else float("nan"), nonfinite=int(nonfinite))
+    layers, flags = diagnose(summaries, named, info, batches=recorder.forward_calls,
+                             thresholds=thresholds, eps=eps, figures=figures)
+    histograms = {s.name: (s.act_hist, s.grad_hist) for s in summaries} if recorder.bins else {}
+    return Concluded(summaries, info, layers, flags, figures, histograms)
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -152,7 +181,6 @@ def probe(
     made = inputs_mod.materialize(inputs, batches=batches, batch_size=batch_size, generator=generator)
     spec = parse_scheme(init) if init is not None else None  # validate before touching the model
     notices: list[str] = []
-    first = inputs_mod.first_input(made[0])
     recorder = Recorder(root, backward=backward, eps=eps, histogram_bins=histogram_bins)
     summary = None
     with preserved(root, target, train=train), torch.random.fork_rng(devices=_cuda_devices(target)):
@@ -180,25 +208,19 @@ def probe(
                         note = _backpropagate(root, output, generator, target)
                         if note and note not in notices:
                             notices.append(note)
-        named = dict(root.named_modules())
-        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named))
-        summaries = collect(recorder, extra=vector)
-        figures = decode(recorder.extra_host) if vector is not None else {}
-        input_info = _input_info(recorder, first)
-        layers, flags = diagnose(summaries, named, input_info, batches=len(made), thresholds=limits,
-                                 eps=eps, figures=figures)
+        step = conclude(recorder, root, thresholds=limits, eps=eps)
     return Report(
         model=type(root).__name__,
         device=str(target),
         batches=len(made),
-        batch_size=_batch_dim(first),
-        input=input_info,
-        layers=layers,
-        flags=flags,
+        batch_size=step.input.shape[0] if step.input.shape else None,
+        input=step.input,
+        layers=step.layers,
+        flags=step.flags,
         init=summary.scheme if summary is not None else "default",
         untouched=summary.untouched if summary is not None else (),
         notices=tuple(notices),
-        histograms={s.name: (s.act_hist, s.grad_hist) for s in summaries} if histogram_bins else {},
+        histograms=step.histograms,
     )
 
 
@@ -224,10 +246,6 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def _batch_dim(x: torch.Tensor | None) -> int | None:
-    return int(x.shape[0]) if x is not None and x.dim() > 0 else None
-
-
 def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, device: torch.device) -> str | None:
     """Back-propagate a standard-normal cotangent from every differentiable output.
 
@@ -249,13 +267,3 @@ def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, dev
     except RuntimeError as err:
         raise ForwardError(f"backward failed: {str(err).strip().splitlines()[0]}") from err
     return None
-
-
-def _input_info(recorder: Recorder, first: torch.Tensor | None) -> InputInfo:
-    """Shape of the first input tensor and its rms / non-finite count over all batches."""
-    _, n, sumsq, nonfinite = recorder.input_info()
-    return InputInfo(
-        shape=tuple(first.shape) if first is not None else (),
-        rms=(sumsq / n) ** 0.5 if n else float("nan"),
-        nonfinite=int(nonfinite),
-    )

@@ -29,7 +29,6 @@ A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_
 ACT_WIDTH = 10
 # Columns of a gradient partial, after :func:`finalize_gradients`.
 G_N, G_SUM, G_SUMSQ, G_NONFINITE, G_MIN, G_MAX = range(6)
-GRAD_WIDTH = 6
 
 # What a hook stores per call (a "raw" row, float64): the sums of (x - c) / s with c and s,
 # so that taking the shift and scale back out happens once per step over all calls. The

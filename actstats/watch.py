@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstats.diagnose import FLAG_KINDS, Thresholds, diagnose
+from actstats.diagnose import FLAG_KINDS, Thresholds
 from actstats.errors import FlagRaisedError, InputError
 from actstats.hooks import Recorder, RecordSummary, unwrap
-from actstats.probe import collect
-from actstats.report import InputInfo, Report
-from actstats.weights import parametric_modules, weight_figures
+from actstats.probe import conclude
+from actstats.report import Report
 
 
 def _distributed() -> bool:
@@ -178,29 +177,21 @@ class Watch:
 
     def _close(self, step: int, recorder: Recorder) -> str | None:
         recorder.detach()
-        named = dict(self.root.named_modules())
-        vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named),
-                                        symmetry=self._symmetry)
-        summaries = collect(recorder, all_reduce=_all_reduce if _distributed() else None, extra=vector)
-        if not summaries:
+        done = conclude(recorder, self.root, thresholds=self.thresholds, eps=self.eps,
+                        all_reduce=_all_reduce if _distributed() else None, symmetry=self._symmetry)
+        if not done.summaries:
             return None
-        figures = decode(recorder.extra_host) if vector is not None else {}
-        self._symmetry.update({module: fig.symmetric for module, fig in figures.items()})
-        shape, n, sumsq, nonfinite = recorder.input_info()
-        input_info = InputInfo(shape=shape or (), rms=(sumsq / n) ** 0.5 if n else float("nan"),
-                               nonfinite=int(nonfinite))
-        layers, flags = diagnose(summaries, named, input_info, batches=recorder.forward_calls,
-                                 thresholds=self.thresholds, eps=self.eps, figures=figures)
-        histograms = {s.name: (s.act_hist, s.grad_hist) for s in summaries} if recorder.bins else {}
+        self._symmetry.update({module: fig.symmetric for module, fig in done.figures.items()})
+        shape = done.input.shape
         self._report = Report(
             model=type(self.root).__name__, device=str(next(iter(self.root.parameters()), torch.empty(0)).device),
-            batches=recorder.forward_calls, batch_size=shape[0] if shape else None, input=input_info,
-            layers=layers, flags=flags, histograms=histograms,
+            batches=recorder.forward_calls, batch_size=shape[0] if shape else None, input=done.input,
+            layers=done.layers, flags=done.flags, histograms=done.histograms,
         )
-        self._hints = {s.name: _ranges(s) for s in summaries}
+        self._hints = {s.name: _ranges(s) for s in done.summaries}
         if self._sink is not None:
-            self._sink.write_report(self._report, step, histograms=histograms or None)
-        for flag in flags:
+            self._sink.write_report(self._report, step, histograms=done.histograms or None)
+        for flag in done.flags:
             if flag.kind in self.raise_on or "any" in self.raise_on:
                 return flag.message
         return None
