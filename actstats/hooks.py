@@ -36,7 +36,7 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -133,12 +133,8 @@ class RecordState:
     module_name: str | None
     activation: Activation | None
     unit_dim: int
-    act_parts: list[torch.Tensor] = field(default_factory=list)  # raw rows, see stats
-    act_numels: list[int] = field(default_factory=list)
-    input_numels: list[int] = field(default_factory=list)
-    grad_parts: list[torch.Tensor] = field(default_factory=list)
-    grad_numels: list[int] = field(default_factory=list)
-    alive: torch.Tensor | None = None
+    grad_calls: int = 0  # gradients received
+    unit_max: torch.Tensor | None = None  # per unit, the largest output seen (fmax: NaN ignored)
     act_hist: torch.Tensor | None = None
     act_range: torch.Tensor | None = None
     grad_hist: torch.Tensor | None = None
@@ -170,7 +166,7 @@ class _Frame:
     name: str
     args: tuple[Any, ...]  # the call's own arguments, alive anyway while it runs
     kwargs: dict[str, Any]
-    inputs: tuple[torch.Tensor, int] | None  # raw moments block and numel of the first tensor input
+    inputs: list[int] | None  # raw rows (stats.RowStore) of the first tensor input
 
     @property
     def input_shapes(self) -> str:
@@ -246,10 +242,17 @@ class Recorder:
         self._channel_units = False
         self._mode: _FunctionalActivations | None = None
         self._skipping = False
-        self._last_output: tuple[Any, int, tuple[torch.Tensor, int]] | None = None
+        self._last_output: tuple[Any, int, list[int]] | None = None
         self._activations: dict[int, Activation | None] = {}
-        self._input_parts: list[torch.Tensor] = []
-        self._input_numels: list[int] = []
+        #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
+        self.store = stats.RowStore()
+        # Which rows belong to what: (row, record index) for outputs, inputs and gradients;
+        # rows of the model's own input.
+        self._act_rows: list[tuple[int, int]] = []
+        self._input_rows: list[tuple[int, int]] = []
+        self._grad_rows: list[tuple[int, int]] = []
+        self._root_rows: list[int] = []
+        self._device: torch.device | None = None
         #: shape of the first tensor given to the root in the first recorded forward
         self.input_shape: tuple[int, ...] | None = None
         #: recorded forward passes of the root (not counting skipped no-grad passes)
@@ -314,9 +317,11 @@ class Recorder:
                 if x is not None:
                     if self.input_shape is None:
                         self.input_shape = tuple(x.shape)
-                    with torch._C.DisableTorchFunction():
-                        self._input_parts.append(stats.input_summary(x))
-                        self._input_numels.append(x.numel())
+                    if x.is_floating_point():
+                        with torch._C.DisableTorchFunction():
+                            rows = self.store.reduce(x)
+                        self._root_rows += rows
+                        self._last_output = (weakref.ref(x), x._version, rows)  # the first layer's input
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
@@ -352,14 +357,16 @@ class Recorder:
                     self._exit_mode()
         return hook
 
-    def _input_partial(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The input's raw moments block and numel; when it is the tensor the previous record
-        produced, unchanged since (same object, same version), that record's figures."""
+    def _input_partial(self, x: torch.Tensor) -> list[int] | None:
+        """The input's raw rows; when it is the tensor the previous record produced,
+        unchanged since (same object, same version), that record's rows."""
         last = self._last_output
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
+        if not x.is_floating_point():
+            return None
         with torch._C.DisableTorchFunction():
-            return stats.input_partial(x), x.numel()
+            return self.store.reduce(x)
 
     def _functional_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         owner = self.stack[-1] if self.stack else None
@@ -381,7 +388,7 @@ class Recorder:
         module_name: str | None,
         activation: Activation | None,
         output: Any,
-        inputs: tuple[torch.Tensor, int] | None,
+        inputs: list[int] | None,
     ) -> None:
         count = self._calls.get(key, 0)
         self._calls[key] = count + 1
@@ -398,22 +405,25 @@ class Recorder:
         if activation is not None and activation.family == "saturating":
             bounds = (activation.low, activation.high)
         with torch._C.DisableTorchFunction():
-            part = stats.activation_partial(y, inputs[0] if inputs else None, bounds, self.eps)
-            state.act_parts.append(part)
-            state.act_numels.append(y.numel())
-            state.input_numels.append(inputs[1] if inputs else 0)
-            # This output's moments, for the next record if it receives it unchanged.
-            self._last_output = (weakref.ref(y), y._version, (part[:stats.MOMENTS_WIDTH], y.numel()))
+            rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
+            record = state.index
+            self._act_rows += [(r, record) for r in rows]
+            if inputs:
+                self._input_rows += [(r, record) for r in inputs]
+            if self._device is None:
+                self._device = y.device
+            # This output's rows, for the next record if it receives it unchanged.
+            self._last_output = (weakref.ref(y), y._version, rows)
             if activation is not None and activation.family == "relu":
-                alive = stats.alive_units(y, state.unit_dim)
-                if state.alive is None:
-                    state.alive = alive
-                elif state.alive.shape == alive.shape:
-                    state.alive |= alive
+                unit_max = stats.unit_maxima(y, state.unit_dim)
+                if state.unit_max is None:
+                    state.unit_max = unit_max
+                elif state.unit_max.shape == unit_max.shape:
+                    torch.fmax(state.unit_max, unit_max, out=state.unit_max)
             if self.bins:
                 if state.act_range is None:
-                    state.act_range = self._range(name, 0, part[stats.MOMENTS_WIDTH:stats.MOMENTS_WIDTH + 2])
-                    state.act_hist = part.new_zeros(self.bins)
+                    state.act_range = self._range(name, 0, self.store.extremes(rows))
+                    state.act_hist = self.store.extremes(rows).new_zeros(self.bins, dtype=torch.float64)
                 state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
             y.register_hook(self._grad_hook(state))
@@ -429,14 +439,14 @@ class Recorder:
             if not self.active:
                 return
             with torch._C.DisableTorchFunction():
-                part = stats.gradient_partial(grad)
-                state.grad_parts.append(part)
-                state.grad_numels.append(grad.numel())
+                rows = self.store.reduce(grad)
+                state.grad_calls += 1
+                record = state.index
+                self._grad_rows += [(r, record) for r in rows]
                 if self.bins:
                     if state.grad_range is None:
-                        minmax = part[stats.MOMENTS_WIDTH:stats.MOMENTS_WIDTH + 2]
-                        state.grad_range = self._range(state.name, 1, minmax)
-                        state.grad_hist = part.new_zeros(self.bins)
+                        state.grad_range = self._range(state.name, 1, self.store.extremes(rows))
+                        state.grad_hist = torch.zeros(self.bins, dtype=torch.float64, device=grad.device)
                     state.grad_hist += stats.histogram_counts(grad, state.grad_range, self.bins)
         return hook
 
@@ -471,42 +481,38 @@ class Recorder:
         self._input_totals = (0.0, 0.0, 0.0)
         if not states:
             return None, lambda host: []
-        device = states[0].act_parts[0].device
-        # Every element count of the step in one host-to-device copy (counts are Python
-        # integers, exact); sliced per record below.
-        # All records' rows are finalized together, then reduced per record with index_add /
+        device = self._device if self._device is not None else torch.device("cpu")
+        # All rows are finalized together, then reduced per record with index_add /
         # scatter_reduce: a fixed number of device operations per step, whatever the number of
-        # layers. Element counts and row owners (Python integers) reach the device in one copy.
+        # layers. Row counts and owners (Python integers) reach the device in one copy.
         n_rec = len(states)
-        act_rows = [p for s in states for p in s.act_parts]
-        grad_rows = [p for s in states for p in s.grad_parts]
-        meta = (list(self._input_numels) + [n for s in states for n in s.act_numels]
-                + [n for s in states for n in s.input_numels] + [n for s in states for n in s.grad_numels]
-                + [r for r, s in enumerate(states) for _ in s.act_parts]
-                + [r for r, s in enumerate(states) for _ in s.grad_parts])
-        pieces = torch.tensor(meta, dtype=torch.float64).to(device).split(
-            [len(self._input_numels), len(act_rows), len(act_rows), len(grad_rows), len(act_rows), len(grad_rows)])
-        in_numels, act_numels, act_in_numels, grad_numels, act_owner, grad_owner = pieces
-        if self._input_parts:
-            raw = torch.stack([p.to(device) for p in self._input_parts])
-            inputs = stats.finalize_inputs(raw, in_numels)
-        else:
-            inputs = torch.zeros(3, dtype=torch.float64, device=device)
-        act = stats.finalize_activations(torch.stack([p.to(device) for p in act_rows]), act_numels, act_in_numels)
-        act_sums, act_high, act_low = _per_record(act, act_owner.long(), n_rec, _ACT_ADDITIVE,
-                                                  stats.A_MAX, stats.A_MIN)
-        if grad_rows:
-            grad = stats.finalize_gradients(torch.stack([p.to(device) for p in grad_rows]), grad_numels)
-            grad_sums, grad_high, grad_low = _per_record(grad, grad_owner.long(), n_rec,
-                                                         list(range(_GRAD_ADDITIVE)), stats.G_MAX, stats.G_MIN)
-        else:
-            grad_sums = act.new_zeros(n_rec, _GRAD_ADDITIVE)
-            grad_high, grad_low = act.new_full((n_rec,), -math.inf), act.new_full((n_rec,), math.inf)
+        act_rows, act_owner = _columns(self._act_rows)
+        in_rows, in_owner = _columns(self._input_rows)
+        grad_rows, grad_owner = _columns(self._grad_rows)
+        meta = torch.tensor(self.store.numels() + act_rows + act_owner + in_rows + in_owner
+                            + grad_rows + grad_owner + self._root_rows, dtype=torch.float64).to(device)
+        numels, act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t = meta.split(
+            [len(self.store), len(act_rows), len(act_rows), len(in_rows), len(in_rows),
+             len(grad_rows), len(grad_rows), len(self._root_rows)])
+        final = stats.finalize(self.store.collect(device), numels)
+        act = final.index_select(0, act_rows_t.long())
+        act_owner_t = act_owner_t.long()
+        act_sums = torch.cat([
+            act.new_zeros(n_rec, len(_ROW_ACT)).index_add_(0, act_owner_t, act[:, _ROW_ACT]),
+            act.new_zeros(n_rec, 2).index_add_(0, in_owner_t.long(),
+                                               final.index_select(0, in_rows_t.long())[:, _ROW_INPUT]),
+        ], dim=1)
+        act_high, act_low = _extremes(act, act_owner_t, n_rec)
+        grad = final.index_select(0, grad_rows_t.long())
+        grad_owner_t = grad_owner_t.long()
+        grad_sums = grad.new_zeros(n_rec, len(_ROW_GRAD)).index_add_(0, grad_owner_t, grad[:, _ROW_GRAD])
+        grad_high, grad_low = _extremes(grad, grad_owner_t, n_rec)
+        inputs = final.index_select(0, root_rows_t.long())[:, _ROW_ROOT].sum(0)
         sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
         maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
         for s in states:  # per-record extras: alive-unit masks and histograms
-            if s.alive is not None:
-                maxes.append(s.alive.to(device, torch.float64))
+            if s.unit_max is not None:
+                maxes.append((s.unit_max > 0).to(device, torch.float64))
             if s.act_hist is not None:
                 sums.append(s.act_hist.to(device))
                 maxes.append(s.act_range.to(device))  # type: ignore[union-attr]
@@ -546,12 +552,12 @@ class Recorder:
             row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (math.nan,) * 2
             grad_row = grad_sums[r]
             dead_frac = None
-            if s.alive is not None:
-                alive = maxes[j:j + s.alive.numel()]
-                j += s.alive.numel()
+            if s.unit_max is not None:
+                alive = maxes[j:j + s.unit_max.numel()]
+                j += s.unit_max.numel()
                 dead_frac = float((alive == 0).sum() / alive.size)
             act, input_rms, input_numel, saturated = stats.summarize_activations(np.asarray([row]))
-            grad = stats.summarize_gradients(np.asarray([grad_row])) if s.grad_parts else None
+            grad = stats.summarize_gradients(np.asarray([grad_row])) if s.grad_calls else None
             act_hist = grad_hist = None
             if s.act_hist is not None:
                 counts = sums[i:i + self.bins]
@@ -580,17 +586,26 @@ class Recorder:
         return out
 
 
-def _per_record(rows: torch.Tensor, owner: torch.Tensor, n_rec: int, additive: list[int],
-                high_col: int, low_col: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum the additive columns of ``rows`` per owning record; max and min of two columns."""
-    sums = rows.new_zeros(n_rec, len(additive)).index_add_(0, owner, rows[:, additive])
+def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Split ``(row, record)`` pairs into a list of rows and a list of records."""
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _extremes(rows: torch.Tensor, owner: torch.Tensor, n_rec: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per owning record, the max of the rows' maxima and the min of their minima (NaN ignored)."""
     high = rows.new_full((n_rec,), -math.inf).scatter_reduce_(
-        0, owner, rows[:, high_col].nan_to_num(nan=-math.inf), "amax")
+        0, owner, rows[:, stats.F_MAX].nan_to_num(nan=-math.inf), "amax")
     low = rows.new_full((n_rec,), math.inf).scatter_reduce_(
-        0, owner, rows[:, low_col].nan_to_num(nan=math.inf), "amin")
-    return sums, high, low
+        0, owner, rows[:, stats.F_MIN].nan_to_num(nan=math.inf), "amin")
+    return high, low
 
 
+# Finalized-row columns summed per record, in the order of the record's additive
+# activation columns (stats.A_*, min and max left out) and gradient columns (stats.G_*).
+_ROW_ACT = [stats.F_N, stats.F_SUM, stats.F_SUMSQ, stats.F_ZEROS, stats.F_NONFINITE, stats.F_SATURATED]
+_ROW_INPUT = [stats.F_N, stats.F_SUMSQ]
+_ROW_GRAD = [stats.F_N, stats.F_SUM, stats.F_SUMSQ, stats.F_NONFINITE]
+_ROW_ROOT = [stats.F_N, stats.F_SUMSQ, stats.F_NONFINITE]
 _ACT_ADDITIVE = [c for c in range(stats.ACT_WIDTH) if c not in (stats.A_MIN, stats.A_MAX)]
 _GRAD_ADDITIVE = stats.G_NONFINITE + 1  # count, sum, sum of squares, non-finite
 

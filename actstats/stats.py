@@ -1,19 +1,19 @@
 """Streaming, mergeable statistics of tensors.
 
-A hook reduces each tensor it sees, on the tensor's own device, into a small
-float64 vector (a *partial*); nothing leaves the device inside a hook. The
-partials of many calls and batches are merged on the host once by adding
-counts, sums and sums of squares in float64, so the result is the statistic of
-all values seen together, never an average of per-batch figures. Within one
-call the sums run in float32 (float64 for float64 tensors) on values shifted
-by their first value and scaled by a power of two, which keeps them accurate
-for large means and free of overflow; the shift and scale come back out once
-per step (see :func:`_raw_moments`).
+A hook reduces each tensor it sees, on the tensor's own device, into a *raw
+row* of a :class:`RowStore`: a few reductions written in place into a
+preallocated block, nothing leaving the device. Once per step all rows are
+finalized together in float64 (:func:`finalize`) and merged per record by
+adding counts, sums and sums of squares, so the result is the statistic of all
+values seen together, never an average of per-batch figures. Within one tensor
+the sums run in float32 (float64 for float64 tensors) on values shifted by
+their first value, which keeps the variance of a tensor with a large mean.
 
 Conventions: standard deviations are population figures (divide by N),
 ``std = sqrt(E[x^2] - E[x]^2)`` from the merged sums; ``rms = sqrt(E[x^2])``;
-a tensor holding NaN or Inf gives non-finite sums and counts those elements
-in ``nonfinite``.
+a tensor holding NaN or Inf gives non-finite (NaN) sums and counts those
+elements in ``nonfinite``. Limit: float32 values beyond about ``1e18`` in
+magnitude overflow the float32 sum of squares (std and rms become Inf).
 """
 
 from __future__ import annotations
@@ -24,18 +24,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Columns of an activation partial, after :func:`finalize_activations` (additive but for min/max).
+# Columns of an activation partial, as merged per record (additive but for min/max).
 A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
 ACT_WIDTH = 10
-# Columns of a gradient partial, after :func:`finalize_gradients`.
+# Columns of a gradient partial, as merged per record.
 G_N, G_SUM, G_SUMSQ, G_NONFINITE, G_MIN, G_MAX = range(6)
 
-# What a hook stores per call (a "raw" row, float64): the sums of (x - c) / s with c and s,
-# so that taking the shift and scale back out happens once per step over all calls. The
-# element counts are Python integers kept beside the rows (exact, and no device work).
-MOMENTS_WIDTH = 4  # c, s, sum, sum of squares
-RAW_ACT_WIDTH = MOMENTS_WIDTH + 5 + MOMENTS_WIDTH  # moments, min, max, nonfinite, NaNs of x/x, saturated, input
-RAW_GRAD_WIDTH = MOMENTS_WIDTH + 3  # moments, min, max, nonfinite
+# What a hook writes per tensor (a "raw" row, in the tensor's float dtype): its first value
+# c (the shift), a power of two k (the scale), the sums of (x - c) * k and of its square,
+# min, max, the zero count and the saturated count. Element counts are Python integers kept
+# beside the rows (exact, and no device work); :func:`finalize` takes shift and scale out
+# and decodes the non-finite count.
+R_SHIFT, R_SCALE, R_SUM, R_SUMSQ, R_MIN, R_MAX, R_ZEROS, R_SATURATED = range(8)
+RAW_WIDTH = 8
+# Columns of a finalized row (float64), see :func:`finalize`.
+F_N, F_SUM, F_SUMSQ, F_ZEROS, F_NONFINITE, F_SATURATED, F_MIN, F_MAX = range(8)
+FINAL_WIDTH = 8
+
+#: Non-finite values are replaced by this mark before summing (``2**100``, exact in float16
+#: and up): a row's sum is then ``sum(finite x - c) + MARK * count``, from which
+#: :func:`finalize` reads the count back whenever the row's min or max is not finite.
+MARK = 2.0 ** 100
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -46,32 +55,10 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def input_partial(x: torch.Tensor) -> torch.Tensor:
-    """The raw moments block (``MOMENTS_WIDTH`` float64 values) of a layer's input."""
-    xf = as_float(x)
-    if xf.numel() == 0:
-        return torch.zeros(MOMENTS_WIDTH, dtype=torch.float64, device=xf.device)
-    return torch.stack(_raw_moments(xf, nonfinite=False)[:MOMENTS_WIDTH]).double()
-
-
-def input_summary(x: torch.Tensor) -> torch.Tensor:
-    """The raw moments block of a model input followed by its non-finite count."""
-    xf = as_float(x)
-    if xf.numel() == 0:
-        return torch.zeros(MOMENTS_WIDTH + 1, dtype=torch.float64, device=xf.device)
-    raw = _raw_moments(xf)
-    return torch.stack([*raw[:MOMENTS_WIDTH], raw[6]]).double()
-
-
-def finalize_inputs(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
-    """Merged ``[numel, sum of squares, non-finite count]`` of :func:`input_summary` rows."""
-    total_n, _, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
-    return torch.stack([total_n, sumsq, raw[:, MOMENTS_WIDTH].double()], dim=1).sum(0)
-
-
 #: Elementwise work runs in chunks of at most this many values, inside one reused
 #: scratch buffer per (device, dtype): no temporary as large as an activation is
-#: allocated (on CPU a fresh buffer costs page faults, more than the arithmetic).
+#: allocated (on CPU a fresh buffer costs page faults, more than the arithmetic), and
+#: float32 counts of one chunk stay exact (below 2**24).
 CHUNK = 1 << 20
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -85,134 +72,158 @@ def _buffer(like: torch.Tensor, n: int) -> torch.Tensor:
     return buf[:n]
 
 
-def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
-    return [flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK)] if flat.numel() > CHUNK else [flat]
+class RowStore:
+    """Raw rows of many tensors, written in place into preallocated blocks on their device.
 
+    A hook calls :meth:`reduce` on a tensor: a handful of reductions written with
+    ``out=`` into the next free row, nothing allocated per call, nothing moved to
+    the host. Rows are numbered in the order they are written; :meth:`numels`
+    holds each row's element count (Python integers) and :meth:`collect` returns
+    every row as one float64 matrix on the device, for :func:`finalize`.
 
-def sums(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and sum of squares of a float32/64 tensor (0-d float64, on its device); see :func:`_raw_moments`."""
-    raw = torch.stack(_raw_moments(xf, nonfinite=False)[:MOMENTS_WIDTH]).double()
-    numels = torch.full((1,), float(xf.numel()), dtype=torch.float64, device=xf.device)
-    _, total, sumsq = _undo(raw[None], numels)
-    return total[0], sumsq[0]
-
-
-def _raw_moments(xf: torch.Tensor, *, zeros: bool = False, nonfinite: bool = True) -> list[torch.Tensor]:
-    """``[c, s, sum, sum of squares, min, max, non-finite count, NaNs of x / x]`` of a
-    non-empty float32/64 tensor: 0-d tensors of its dtype on its device, no synchronisation.
-
-    The sums run in the tensor's own precision (PyTorch's cascade summation and
-    ``dot``; a float64 ``dtype=`` costs a full conversion copy on CPU) over
-    ``(x - c) / s``: ``c`` the first value (zero if it is not finite), so that a
-    large mean does not cancel the variance away, and ``s`` the power of two
-    above the largest ``|x - c|``, so that a float32 sum of squares cannot
-    overflow (the scaling is exact). :func:`_undo` takes the shift and scale back
-    out, in float64, once per step for all calls. Non-finite values are counted
-    as the NaNs of ``(x - c) * 0``; zeros (when asked) follow from the NaNs of
-    ``x / x``. The elementwise work runs in chunks inside one reused scratch
-    buffer, so the counts are exact float32 sums. Few operations per call: their
-    number, not their size, is what a small layer pays.
+    Per chunk of at most :data:`CHUNK` values: ``aminmax``; ``(x - c) * k`` into
+    a scratch buffer (``c`` the first value, zero when not finite, so that a
+    large mean does not cancel the variance away in the float32 sum of squares;
+    ``k`` the power of two that brings ``max |x|`` near 1, so that the sum of
+    squares neither overflows nor underflows; both exact), its non-finite values
+    replaced by :data:`MARK`, then ``sum`` and ``dot``; the
+    zero count as the sum of ``x == 0``; the saturated count as the sum of
+    ``|x - mid| >= half - eps``. Sums run in the tensor's own float precision
+    (PyTorch's cascade summation; a float64 ``dtype=`` would cost a conversion
+    copy on CPU).
     """
-    low, high = torch.aminmax(xf)
-    flat = xf.reshape(-1)
-    center = flat[0].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    _, exponent = torch.frexp(torch.maximum(high - center, center - low))
-    scale = torch.exp2(exponent.to(xf.dtype))
-    rows: list[list[torch.Tensor]] = []
-    for part in _chunks(flat):
-        buf = _buffer(part, part.numel())
-        torch.sub(part, center, out=buf).div_(scale)
-        row = [buf.sum(), torch.dot(buf, buf)]
-        row.append(buf.mul_(0.0).nan_to_num_(nan=1.0).sum() if nonfinite else row[0] * 0)
+
+    BLOCK = 256
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._used: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._ids: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        self._numels: list[int] = []
+        self._views: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._numels)
+
+    def numels(self) -> list[int]:
+        """Element count of each row, in row order."""
+        return self._numels
+
+    def reduce(self, x: torch.Tensor, *, zeros: bool = False,
+               saturation: tuple[float, float] | None = None, eps: float = 0.0) -> list[int]:
+        """Write the raw rows of ``x`` (one per chunk; none when it is empty); return their numbers.
+
+        Args:
+            x: any floating tensor, on any device (fp16/bf16 are reduced in float32).
+            zeros: also count the values equal to zero.
+            saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
+            eps: the saturation tolerance.
+        """
+        xf = x.detach()
+        if xf.dtype is not torch.float32 and xf.dtype is not torch.float64:
+            xf = xf.float()
+        n = xf.numel()
+        if n == 0:
+            return []
+        flat = xf.reshape(-1)
+        if n <= CHUNK:
+            return [self._reduce(flat, n, zeros, saturation, eps)]
+        return [self._reduce(flat[i:i + CHUNK], min(CHUNK, n - i), zeros, saturation, eps)
+                for i in range(0, n, CHUNK)]
+
+    def _row(self, flat: torch.Tensor, n: int) -> tuple[int, torch.Tensor]:
+        key = (flat.device, flat.dtype)
+        used = self._used.get(key, 0)
+        blocks = self._blocks.setdefault(key, [])
+        if used == len(blocks) * self.BLOCK:
+            blocks.append(torch.zeros(self.BLOCK, RAW_WIDTH, dtype=flat.dtype, device=flat.device))
+            self._ids.setdefault(key, [])
+        self._used[key] = used + 1
+        number = len(self._numels)
+        self._numels.append(n)
+        self._ids[key].append(number)
+        row = blocks[used // self.BLOCK][used % self.BLOCK]
+        self._views.append(row)
+        return number, row
+
+    def _reduce(self, flat: torch.Tensor, n: int, zeros: bool,
+                saturation: tuple[float, float] | None, eps: float) -> int:
+        number, row = self._row(flat, n)
+        shift, scale, total, squares, low, high, zero_count, saturated = row.unbind()
+        torch.aminmax(flat, out=(low, high))
+        torch.nan_to_num(flat[0], 0.0, 0.0, 0.0, out=shift)
+        exponent = torch.frexp(row[R_MIN:R_MAX + 1]).exponent.amax().clamp_(-120, 120)
+        torch.pow(0.5, exponent, out=scale)  # |x - c| * scale < 2 (0 and non-finite: exponent 0)
+        buf = _buffer(flat, n)
+        torch.sub(flat, shift, out=buf).mul_(scale)
+        buf.nan_to_num_(MARK, MARK, MARK)
+        torch.sum(buf, 0, out=total)
+        torch.dot(buf, buf, out=squares)
         if zeros:
-            torch.div(part, part, out=buf)  # 1 where x is finite and non-zero, else NaN
-            row.append(part.numel() - buf.nan_to_num_(nan=0.0).sum())
-        else:
-            row.append(row[0] * 0)
-        rows.append(row)
-    if len(rows) == 1:
-        shifted, squares, bad, nans = rows[0]
-    else:  # tensors over CHUNK values only, where a few more operations do not matter
-        shifted, squares, bad, nans = (torch.stack([r[k] for r in rows]).sum() for k in range(4))
-    return [center, scale, shifted, squares, low, high, bad, nans]
+            torch.eq(flat, 0, out=buf)
+            torch.sum(buf, 0, out=zero_count)
+        if saturation is not None:
+            lo, hi = saturation
+            torch.sub(flat, (lo + hi) / 2, out=buf).abs_()
+            torch.ge(buf, (hi - lo) / 2 - eps, out=buf)
+            torch.sum(buf, 0, out=saturated)
+        return number
+
+    def extremes(self, rows: list[int]) -> torch.Tensor:
+        """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` for no rows)."""
+        if not rows:
+            return torch.tensor([math.nan, math.nan], dtype=torch.float64)
+        if len(rows) == 1:
+            return self._views[rows[0]][R_MIN:R_MAX + 1].double()
+        both = torch.stack([self._views[r][R_MIN:R_MAX + 1] for r in rows]).double()
+        return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
+
+    def collect(self, device: torch.device) -> torch.Tensor:
+        """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
+        parts, order = [], []
+        for key, blocks in self._blocks.items():
+            used = self._used[key]
+            rows = torch.cat(blocks)[:used] if len(blocks) > 1 else blocks[0][:used]
+            parts.append(rows.to(device=device, dtype=torch.float64))
+            order += self._ids[key]
+        if not parts:
+            return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
+        if len(parts) == 1:
+            return parts[0]
+        out = torch.empty(len(order), RAW_WIDTH, dtype=torch.float64, device=device)
+        return out.index_copy_(0, torch.tensor(order, device=device), torch.cat(parts))
 
 
-def _undo(raw: torch.Tensor, numels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(n, sum, sum of squares)`` per row of raw moments blocks (float64 ``[k, 4]``)."""
-    c, s = raw[:, 0], raw[:, 1]
-    shifted = raw[:, 2] * s
-    total = shifted + numels * c
-    sumsq = raw[:, 3] * s * s + c * (2 * shifted + numels * c)
-    return numels, total, sumsq
+def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Turn raw rows ``[k, RAW_WIDTH]`` (float64) into ``[k, FINAL_WIDTH]`` figures, on their device.
 
-
-def activation_partial(
-    x: torch.Tensor,
-    inputs: torch.Tensor | None,
-    saturation_bounds: tuple[float, float] | None,
-    eps: float,
-) -> torch.Tensor:
-    """Reduce an output tensor into a raw activation row (``RAW_ACT_WIDTH`` float64 values).
-
-    Args:
-        x: the output of one layer call (any shape, any floating dtype).
-        inputs: that call's :func:`input_partial`, or None when it had no tensor input.
-        saturation_bounds: ``(low, high)`` asymptotes of a saturating activation;
-            outputs within ``eps`` of either count as saturated. None: not counted.
-        eps: the saturation tolerance.
+    Columns ``F_*``: count, sum, sum of squares, zeros, non-finite count,
+    saturated count, min, max. Scale and shift come out in float64
+    (``sum(x) = sum(x - c) + n c``, ``sum(x^2) = sum((x - c)^2) + c (2 sum(x - c) + n c)``).
+    A row whose min or max is not finite held NaN or Inf: its non-finite count is
+    ``round(sum / MARK)`` (exact while the finite values sum to well under
+    :data:`MARK`) and its sums become NaN.
     """
-    xf = as_float(x)
-    if xf.numel() == 0:
-        row = torch.zeros(RAW_ACT_WIDTH, dtype=torch.float64, device=xf.device)
-        row[MOMENTS_WIDTH:MOMENTS_WIDTH + 2] = math.nan
-        return row
-    raw = _raw_moments(xf, zeros=True)
-    if saturation_bounds is None:
-        saturated = raw[6] * 0
-    else:
-        lo, hi = saturation_bounds
-        saturated = ((xf <= lo + eps) | (xf >= hi - eps)).sum().to(xf.dtype)
-    head = torch.stack([*raw, saturated]).double()
-    if inputs is None:
-        inputs = torch.zeros(MOMENTS_WIDTH, dtype=torch.float64, device=xf.device)
-    return torch.cat([head, inputs.to(head.device)])
+    c = raw[:, R_SHIFT]
+    low, high = raw[:, R_MIN], raw[:, R_MAX]
+    bad = ~(torch.isfinite(low) & torch.isfinite(high))
+    nonfinite = torch.where(bad, torch.round(raw[:, R_SUM] / MARK), torch.zeros_like(c))
+    shifted = raw[:, R_SUM] / raw[:, R_SCALE]
+    nan = torch.full_like(shifted, math.nan)
+    total = torch.where(bad, nan, shifted + numels * c)
+    sumsq = torch.where(bad, nan, raw[:, R_SUMSQ] / raw[:, R_SCALE].square() + c * (2 * shifted + numels * c))
+    return torch.stack([numels, total, sumsq, raw[:, R_ZEROS], nonfinite, raw[:, R_SATURATED], low, high], dim=1)
 
 
-def finalize_activations(raw: torch.Tensor, numels: torch.Tensor, in_numels: torch.Tensor) -> torch.Tensor:
-    """Turn raw activation rows ``[k, RAW_ACT_WIDTH]`` into ``[k, ACT_WIDTH]`` partials."""
-    n, total, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
-    _, _, in_sumsq = _undo(raw[:, RAW_ACT_WIDTH - MOMENTS_WIDTH:], in_numels)
-    low, high, bad, nans, saturated = (raw[:, MOMENTS_WIDTH + k] for k in range(5))
-    in_sumsq = torch.where(in_numels > 0, in_sumsq, torch.full_like(in_sumsq, math.nan))
-    return torch.stack([n, total, sumsq, low, high, nans - bad, bad, saturated, in_numels, in_sumsq], dim=1)
-
-
-def gradient_partial(g: torch.Tensor) -> torch.Tensor:
-    """Reduce a gradient tensor into a raw gradient row (``RAW_GRAD_WIDTH`` float64 values)."""
-    gf = as_float(g)
-    if gf.numel() == 0:
-        row = torch.zeros(RAW_GRAD_WIDTH, dtype=torch.float64, device=gf.device)
-        row[MOMENTS_WIDTH:MOMENTS_WIDTH + 2] = math.nan
-        return row
-    return torch.stack(_raw_moments(gf)[:RAW_GRAD_WIDTH]).double()
-
-
-def finalize_gradients(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
-    """Turn raw gradient rows ``[k, RAW_GRAD_WIDTH]`` into ``[k, GRAD_WIDTH]`` partials."""
-    n, total, sumsq = _undo(raw[:, :MOMENTS_WIDTH], numels)
-    low, high, bad = (raw[:, MOMENTS_WIDTH + k] for k in range(3))
-    return torch.stack([n, total, sumsq, bad, low, high], dim=1)
-
-
-def alive_units(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """Return a bool vector over units along ``unit_dim``: True where any output is > 0."""
+def unit_maxima(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """The largest value per unit along ``unit_dim`` (a unit is alive when it is > 0)."""
     xf = x.detach()
     if xf.dim() == 0:
-        return (xf > 0).reshape(1)
+        return xf.reshape(1)
     dims = [d for d in range(xf.dim()) if d != unit_dim % xf.dim()]
     if not dims:
-        return xf > 0
-    return xf.amax(dim=dims) > 0
+        return xf.clone()
+    return xf.amax(dim=dims)
 
 
 def histogram_range(minmax: torch.Tensor) -> torch.Tensor:

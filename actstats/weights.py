@@ -76,44 +76,63 @@ def weight_figures(modules: Sequence[nn.Module], *,
                    symmetry: Mapping[nn.Module, bool] | None = None) -> tuple[torch.Tensor | None, Any]:
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
-    Per part the population std and rms come from :func:`stats.sums` (shifted
-    and scaled float32 sums, exact for a constant weight). ``symmetry`` gives the symmetric verdict of
-    modules already checked: training cannot make distinct units identical, nor
-    separate identical ones, so ``watch`` checks each module once. Returns the
-    vector (None when there is nothing to measure) and a function turning its
-    host copy into ``{module: WeightFigures}``, so that a probe or a watched step
-    moves weight figures to the host in the same single transfer as its
-    statistics.
+    Every part's sum and sum of squares come from one :class:`stats.RowStore`
+    (shifted float32 sums, exact for a constant weight), finalized together; the
+    population std and rms follow on the device. ``symmetry`` gives the symmetric
+    verdict of modules already checked: training cannot make distinct units
+    identical, nor separate identical ones, so ``watch`` checks each module once.
+    Returns the vector (None when there is nothing to measure) and a function
+    turning its host copy into ``{module: WeightFigures}``, so that a probe or a
+    watched step moves weight figures to the host in the same single transfer as
+    its statistics.
     """
     known = symmetry or {}
-    pieces: list[torch.Tensor] = []
-    layout: list[tuple[nn.Module, int]] = []
-    for module in modules:
-        parts = theory.weight_parts(module)
-        if not parts:
-            continue
-        with torch.no_grad():
+    store = stats.RowStore()
+    owners: list[int] = []
+    firsts: list[torch.Tensor] = []
+    verdicts: list[torch.Tensor] = []
+    layout: list[tuple[nn.Module, int, bool | None]] = []  # module, parts, known verdict
+    n_parts = 0
+    with torch.no_grad():
+        for module in modules:
+            parts = theory.weight_parts(module)
+            if not parts:
+                continue
             for part in parts:
-                w = stats.as_float(part.tensor)
-                total, sumsq = stats.sums(w)
-                mean, mean_square = total / w.numel(), sumsq / w.numel()
-                pieces += [(mean_square - mean * mean).clamp_min(0.0).sqrt(), mean_square.sqrt()]
-            equal = (torch.full((), float(known[module]), device=parts[0].tensor.device)
-                     if module in known else _all_units_equal(module, parts))
-            pieces += [equal, parts[0].tensor.detach().reshape(-1)[0]]
-        layout.append((module, len(parts)))
-    if not pieces:
+                owners += [n_parts] * len(store.reduce(part.tensor))
+                n_parts += 1
+            firsts.append(parts[0].tensor.detach().reshape(-1)[0])
+            if module in known:
+                layout.append((module, len(parts), bool(known[module])))
+            else:
+                verdicts.append(_all_units_equal(module, parts))
+                layout.append((module, len(parts), None))
+    if not layout:
         return None, lambda host: {}
-    device = pieces[0].device
-    vector = torch.stack([p.to(device=device, dtype=torch.float64) for p in pieces])
+    device = firsts[0].device
+    numels = torch.tensor(store.numels(), dtype=torch.float64).to(device)
+    final = stats.finalize(store.collect(device), numels)
+    owner = torch.tensor(owners, dtype=torch.long).to(device)
+    per_part = final.new_zeros(n_parts, 3).index_add_(0, owner, final[:, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]])
+    n, total, sumsq = per_part.unbind(1)
+    mean, mean_square = total / n, sumsq / n
+    std = (mean_square - mean * mean).clamp_min(0.0).sqrt()
+    pieces = [torch.stack([std, mean_square.sqrt()], dim=1).reshape(-1),
+              torch.stack([f.to(device=device, dtype=torch.float64) for f in firsts])]
+    if verdicts:
+        pieces.append(torch.stack([v.to(device=device, dtype=torch.float64) for v in verdicts]))
+    vector = torch.cat(pieces)
 
     def decode(host: Any) -> dict[nn.Module, WeightFigures]:
-        out, i = {}, 0
-        for module, count in layout:
-            parts = tuple((float(host[i + 2 * k]), float(host[i + 2 * k + 1])) for k in range(count))
-            i += 2 * count
-            out[module] = WeightFigures(parts, bool(host[i]), float(host[i + 1]))
-            i += 2
+        out: dict[nn.Module, WeightFigures] = {}
+        part, verdict = 0, 2 * n_parts + len(firsts)
+        for m, (module, count, symmetric) in enumerate(layout):
+            figures = tuple((float(host[2 * k]), float(host[2 * k + 1])) for k in range(part, part + count))
+            part += count
+            if symmetric is None:
+                symmetric = bool(host[verdict])
+                verdict += 1
+            out[module] = WeightFigures(figures, symmetric, float(host[2 * n_parts + m]))
         return out
 
     return vector, decode

@@ -9,15 +9,23 @@ import torch
 from actstats import stats
 
 
-def _counts(chunks):
-    return torch.tensor([float(c.numel()) for c in chunks], dtype=torch.float64)
+def _finalized(chunks, **kw):
+    """Reduce each tensor into a fresh store, finalize; return the store's rows (float64 numpy)."""
+    store = stats.RowStore()
+    for c in chunks:
+        store.reduce(c, **kw)
+    numels = torch.tensor(store.numels(), dtype=torch.float64)
+    return stats.finalize(store.collect(torch.device("cpu")), numels).numpy()
 
 
 def _merge_act(chunks, bounds=None, eps=0.01):
-    raw = torch.stack([stats.activation_partial(c, None, bounds, eps) for c in chunks])
-    n = _counts(chunks)
-    parts = stats.finalize_activations(raw, n, torch.zeros_like(n))
-    return stats.summarize_activations(parts.numpy())
+    rows = _finalized(chunks, zeros=True, saturation=bounds, eps=eps)
+    parts = np.zeros((len(rows), stats.ACT_WIDTH))
+    for a, f in [(stats.A_N, stats.F_N), (stats.A_SUM, stats.F_SUM), (stats.A_SUMSQ, stats.F_SUMSQ),
+                 (stats.A_MIN, stats.F_MIN), (stats.A_MAX, stats.F_MAX), (stats.A_ZEROS, stats.F_ZEROS),
+                 (stats.A_NONFINITE, stats.F_NONFINITE), (stats.A_SATURATED, stats.F_SATURATED)]:
+        parts[:, a] = rows[:, f]
+    return stats.summarize_activations(parts)
 
 
 def test_merge_equals_statistics_of_the_union():
@@ -52,14 +60,6 @@ def test_counts_zeros_nonfinite_and_saturation():
     assert saturated == 6 / 8
 
 
-def test_input_partial_gives_rms():
-    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    raw = stats.activation_partial(x, stats.input_partial(x), None, 0.01)[None]
-    part = stats.finalize_activations(raw, _counts([x]), _counts([x]))
-    _, input_rms, input_numel, _ = stats.summarize_activations(part.numpy())
-    assert input_rms == pytest.approx(math.sqrt(25 / 4)) and input_numel == 4
-
-
 def test_half_precision_is_accumulated_in_float32():
     x = torch.full((70000,), 1.0, dtype=torch.float16)  # an fp16 sum would overflow at 65504
     act, *_ = _merge_act([x])
@@ -67,12 +67,12 @@ def test_half_precision_is_accumulated_in_float32():
     assert act.std == pytest.approx(0.0, abs=1e-7)  # sqrt of a float64 rounding error
 
 
-def test_gradient_partials_merge():
+def test_gradient_rows_merge():
     g1, g2 = torch.tensor([1.0, -1.0]), torch.tensor([3.0, 3.0, 3.0])
-    raw = torch.stack([stats.gradient_partial(g1), stats.gradient_partial(g2)])
-    parts = stats.finalize_gradients(raw, _counts([g1, g2])).numpy()
+    rows = _finalized([g1, g2])
+    parts = rows[:, [stats.F_N, stats.F_SUM, stats.F_SUMSQ, stats.F_NONFINITE]]
     grad = stats.summarize_gradients(parts)
-    assert (parts[:, stats.G_MIN].min(), parts[:, stats.G_MAX].max()) == (-1.0, 3.0)
+    assert (rows[:, stats.F_MIN].min(), rows[:, stats.F_MAX].max()) == (-1.0, 3.0)
     union = np.array([1.0, -1.0, 3.0, 3.0, 3.0])
     assert grad.mean == pytest.approx(union.mean())
     assert grad.std == pytest.approx(union.std())
@@ -80,15 +80,67 @@ def test_gradient_partials_merge():
     assert grad.nonfinite == 0
 
 
-def test_alive_units_along_the_last_dim():
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30])
+def test_huge_and_tiny_values_neither_overflow_nor_underflow(magnitude):
+    # x * 8^30 in the matrix-product experiment: a float32 sum of squares of unscaled
+    # values would be Inf (or 0 for tiny values); the power-of-two scale keeps it exact.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=gen) * magnitude
+    act, *_ = _merge_act([x])
+    union = x.double()
+    assert act.rms == pytest.approx(float(union.square().mean().sqrt()), rel=1e-5)
+    assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-5)
+    assert act.nonfinite == 0
+
+
+def test_nonfinite_count_is_exact_wherever_the_values_sit():
+    # NaN first (the shift falls back to 0), Inf of both signs, in a tensor split into chunks.
+    x = torch.randn(stats.CHUNK + 1000, generator=torch.Generator().manual_seed(4)) * 1e20
+    bad = [0, 5, stats.CHUNK - 1, stats.CHUNK, stats.CHUNK + 999]
+    x[bad[0]], x[bad[1]], x[bad[2]] = float("nan"), float("inf"), float("-inf")
+    x[bad[3]], x[bad[4]] = float("nan"), float("inf")
+    x[10:30] = 0.0
+    act, *_ = _merge_act([x])
+    assert act.nonfinite == 5
+    assert act.zero_frac == 20 / x.numel()
+    assert act.numel == x.numel()
+    assert math.isnan(act.mean) and math.isnan(act.rms)
+
+
+def test_rows_of_several_dtypes_come_back_in_the_order_they_were_written():
+    store = stats.RowStore()
+    xs = [torch.tensor([1.0, 2.0]), torch.tensor([5.0], dtype=torch.float64),
+          torch.tensor([-3.0, 3.0, 0.5], dtype=torch.bfloat16), torch.tensor([7.0, 9.0], dtype=torch.float64)]
+    numbers = [store.reduce(x) for x in xs]
+    assert numbers == [[0], [1], [2], [3]]
+    raw = store.collect(torch.device("cpu"))
+    rows = stats.finalize(raw, torch.tensor(store.numels(), dtype=torch.float64))
+    assert rows[:, stats.F_SUM].tolist() == [3.0, 5.0, 0.5, 16.0]
+    assert rows[:, stats.F_SUMSQ].tolist() == [5.0, 25.0, 18.25, 130.0]
+    assert store.extremes([0, 3]).tolist() == [1.0, 9.0]
+
+
+def test_a_large_tensor_is_reduced_in_chunks_with_exact_counts():
+    x = torch.zeros(3 * stats.CHUNK + 7)
+    x[::3] = 2.0
+    store = stats.RowStore()
+    rows = store.reduce(x, zeros=True)
+    assert len(rows) == 4 and sum(store.numels()) == x.numel()
+    act, *_ = _merge_act([x])
+    ones = (x.numel() + 2) // 3
+    assert act.zero_frac == (x.numel() - ones) / x.numel()
+    assert act.mean == pytest.approx(2.0 * ones / x.numel(), rel=1e-12)
+
+
+def test_unit_maxima_along_the_last_dim():
     x = -torch.ones(2, 3)
     x[:, 0] = 1.0
     x[1, 2] = 0.5  # one positive value in one sample keeps a unit alive
-    assert stats.alive_units(x, -1).tolist() == [True, False, True]
+    assert (stats.unit_maxima(x, -1) > 0).tolist() == [True, False, True]
 
 
-def test_alive_units_along_channels():
+def test_unit_maxima_along_channels():
     x = -torch.ones(2, 3, 4, 4)
     x[:, 0] = 1.0
     x[0, 2, 3, 1] = 0.5
-    assert stats.alive_units(x, 1).tolist() == [True, False, True]
+    assert (stats.unit_maxima(x, 1) > 0).tolist() == [True, False, True]
