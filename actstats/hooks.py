@@ -114,6 +114,13 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from iter_tensors(getattr(obj, f.name))
 
 
+def _first_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The first tensor of a call's arguments (fast path: a tensor as first positional argument)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return next(iter_tensors((args, kwargs)), None)
+
+
 def shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> str:
     """Describe the shapes of the tensors in a call's arguments, e.g. ``(32, 256)``."""
     found = [tuple(t.shape) for t in iter_tensors((args, dict(kwargs or {})))]
@@ -242,7 +249,10 @@ class Recorder:
         self._channel_units = False
         self._mode: _FunctionalActivations | None = None
         self._skipping = False
-        self._last_output: tuple[Any, int, list[int]] | None = None
+        # The rows of every tensor reduced in this forward pass, by id (a weak reference and
+        # the version make sure it is the same tensor, unchanged): a layer whose input is an
+        # earlier output (or the model input) reuses its rows instead of reducing it again.
+        self._seen: dict[int, tuple[Any, int, list[int]]] = {}
         self._activations: dict[int, Activation | None] = {}
         #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
         self.store = stats.RowStore()
@@ -309,19 +319,17 @@ class Recorder:
             if is_root:
                 self._calls.clear()
                 self.stack.clear()
+                self._seen.clear()
                 self._skipping = not self.record_no_grad and not torch.is_grad_enabled()
                 if self._skipping:
                     return
                 self.forward_calls += 1
-                x = next(iter_tensors((args, kwargs)), None)
+                x = _first_input(args, kwargs)
                 if x is not None:
                     if self.input_shape is None:
                         self.input_shape = tuple(x.shape)
                     if x.is_floating_point():
-                        with torch._C.DisableTorchFunction():
-                            rows = self.store.reduce(x)
-                        self._root_rows += rows
-                        self._last_output = (weakref.ref(x), x._version, rows)  # the first layer's input
+                        self._root_rows += self._input_partial(x)  # also the first layer's input
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
@@ -329,7 +337,7 @@ class Recorder:
                 return
             inputs = None
             if record:
-                x = next(iter_tensors((args, kwargs)), None)
+                x = _first_input(args, kwargs)
                 if x is not None:
                     inputs = self._input_partial(x)
             self.stack.append(_Frame(module, name, args, kwargs, inputs))
@@ -358,15 +366,17 @@ class Recorder:
         return hook
 
     def _input_partial(self, x: torch.Tensor) -> list[int] | None:
-        """The input's raw rows; when it is the tensor the previous record produced,
-        unchanged since (same object, same version), that record's rows."""
-        last = self._last_output
-        if last is not None and last[0]() is x and last[1] == x._version:
-            return last[2]
+        """The input's raw rows; when an earlier record produced it, unchanged since
+        (same object, same version), that record's rows."""
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0]() is x and seen[1] == x._version:
+            return seen[2]
         if not x.is_floating_point():
             return None
         with torch._C.DisableTorchFunction():
-            return self.store.reduce(x)
+            rows = self.store.reduce(x)
+        self._seen[id(x)] = (weakref.ref(x), x._version, rows)
+        return rows
 
     def _functional_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         owner = self.stack[-1] if self.stack else None
@@ -412,8 +422,8 @@ class Recorder:
                 self._input_rows += [(r, record) for r in inputs]
             if self._device is None:
                 self._device = y.device
-            # This output's rows, for the next record if it receives it unchanged.
-            self._last_output = (weakref.ref(y), y._version, rows)
+            # This output's rows, for a later record that receives it unchanged.
+            self._seen[id(y)] = (weakref.ref(y), y._version, rows)
             if activation is not None and activation.family == "relu":
                 unit_max = stats.unit_maxima(y, state.unit_dim)
                 if state.unit_max is None:
@@ -425,8 +435,8 @@ class Recorder:
                     state.act_range = self._range(name, 0, self.store.extremes(rows))
                     state.act_hist = self.store.extremes(rows).new_zeros(self.bins, dtype=torch.float64)
                 state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
-        if self.backward and y.requires_grad and torch.is_grad_enabled():
-            y.register_hook(self._grad_hook(state))
+            if self.backward and y.requires_grad and torch.is_grad_enabled():
+                y.register_hook(self._grad_hook(state))
 
     def _range(self, name: str, which: int, measured: torch.Tensor) -> torch.Tensor:
         hint = self.range_hints.get(name, (None, None))[which]
@@ -537,11 +547,11 @@ class Recorder:
         ordered = sorted(self.records.values(), key=lambda s: s.index)
         return [s.module_name for s in ordered if s.module_name is not None]
 
-    def _parse(self, states: list[RecordState], sums: Any, maxes: Any) -> list[RecordSummary]:
+    def _parse(self, states: list[RecordState], sums: np.ndarray, maxes: np.ndarray) -> list[RecordSummary]:
         n_rec, n_act = len(states), len(_ACT_ADDITIVE)
-        act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act)
-        grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE)
-        extremes = maxes[:n_rec * 4].reshape(n_rec, 4)
+        act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act).tolist()
+        grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE).tolist()
+        extremes = maxes[:n_rec * 4].reshape(n_rec, 4).tolist()
         i, j = n_rec * (n_act + _GRAD_ADDITIVE), n_rec * 4  # where the per-record extras start
         out: list[RecordSummary] = []
         for r, s in enumerate(states):
@@ -556,8 +566,8 @@ class Recorder:
                 alive = maxes[j:j + s.unit_max.numel()]
                 j += s.unit_max.numel()
                 dead_frac = float((alive == 0).sum() / alive.size)
-            act, input_rms, input_numel, saturated = stats.summarize_activations(np.asarray([row]))
-            grad = stats.summarize_gradients(np.asarray([grad_row])) if s.grad_calls else None
+            act, input_rms, input_numel, saturated = stats.summarize_activations(row)
+            grad = stats.summarize_gradients(grad_row) if s.grad_calls else None
             act_hist = grad_hist = None
             if s.act_hist is not None:
                 counts = sums[i:i + self.bins]

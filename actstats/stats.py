@@ -19,6 +19,7 @@ magnitude overflow the float32 sum of squares (std and rms become Inf).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ ACT_WIDTH = 10
 G_N, G_SUM, G_SUMSQ, G_NONFINITE, G_MIN, G_MAX = range(6)
 
 # What a hook writes per tensor (a "raw" row, in the tensor's float dtype): its first value
-# c (the shift), a power of two k (the scale), the sums of (x - c) * k and of its square,
+# c (the shift), a scale k, the sums of (x - c) * k and of its square,
 # min, max, the zero count and the saturated count. Element counts are Python integers kept
 # beside the rows (exact, and no device work); :func:`finalize` takes shift and scale out
 # and decodes the non-finite count.
@@ -73,34 +74,31 @@ def _buffer(like: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class RowStore:
-    """Raw rows of many tensors, written in place into preallocated blocks on their device.
+    """Raw rows of many tensors: 0-d results on their device, stacked into one matrix per step.
 
-    A hook calls :meth:`reduce` on a tensor: a handful of reductions written with
-    ``out=`` into the next free row, nothing allocated per call, nothing moved to
-    the host. Rows are numbered in the order they are written; :meth:`numels`
-    holds each row's element count (Python integers) and :meth:`collect` returns
-    every row as one float64 matrix on the device, for :func:`finalize`.
+    A hook calls :meth:`reduce` on a tensor: a dozen device operations whose
+    results stay where they are, nothing moved to the host and nothing waited
+    for. Rows are numbered in the order they are written; :meth:`numels` holds
+    each row's element count (Python integers) and :meth:`collect` stacks every
+    row, in one operation, into a float64 matrix on the device for :func:`finalize`.
 
     Per chunk of at most :data:`CHUNK` values: ``aminmax``; ``(x - c) * k`` into
-    a scratch buffer (``c`` the first value, zero when not finite, so that a
-    large mean does not cancel the variance away in the float32 sum of squares;
-    ``k`` the power of two that brings ``max |x|`` near 1, so that the sum of
-    squares neither overflows nor underflows; both exact), its non-finite values
-    replaced by :data:`MARK`, then ``sum`` and ``dot``; the
-    zero count as the sum of ``x == 0``; the saturated count as the sum of
-    ``|x - mid| >= half - eps``. Sums run in the tensor's own float precision
-    (PyTorch's cascade summation; a float64 ``dtype=`` would cost a conversion
-    copy on CPU).
+    a scratch buffer, with ``c`` the first value (zero when not finite), so that
+    a large mean does not cancel the variance away in the float32 sum of
+    squares, and ``k = 1 / (max - min)`` (one when that is not finite), so that
+    ``|x - c| * k <= 1`` and the sum of squares can neither overflow nor
+    underflow (a constant tensor stays exact: ``x - c`` is zero); its non-finite
+    values replaced by :data:`MARK`; then ``sum`` and
+    ``dot``. The zero count is the sum of ``x == 0``; the saturated count the
+    sum of ``|x - mid| >= half - eps``. Sums run in the tensor's own float
+    precision (PyTorch's cascade summation; a float64 ``dtype=`` would cost a
+    conversion copy on CPU).
     """
 
-    BLOCK = 256
-
     def __init__(self) -> None:
-        self._blocks: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        self._used: dict[tuple[torch.device, torch.dtype], int] = {}
-        self._ids: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        self._rows: list[tuple[torch.Tensor, ...]] = []
         self._numels: list[int] = []
-        self._views: list[torch.Tensor] = []
+        self._constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._numels)
@@ -131,67 +129,78 @@ class RowStore:
         return [self._reduce(flat[i:i + CHUNK], min(CHUNK, n - i), zeros, saturation, eps)
                 for i in range(0, n, CHUNK)]
 
-    def _row(self, flat: torch.Tensor, n: int) -> tuple[int, torch.Tensor]:
-        key = (flat.device, flat.dtype)
-        used = self._used.get(key, 0)
-        blocks = self._blocks.setdefault(key, [])
-        if used == len(blocks) * self.BLOCK:
-            blocks.append(torch.zeros(self.BLOCK, RAW_WIDTH, dtype=flat.dtype, device=flat.device))
-            self._ids.setdefault(key, [])
-        self._used[key] = used + 1
-        number = len(self._numels)
-        self._numels.append(n)
-        self._ids[key].append(number)
-        row = blocks[used // self.BLOCK][used % self.BLOCK]
-        self._views.append(row)
-        return number, row
-
     def _reduce(self, flat: torch.Tensor, n: int, zeros: bool,
                 saturation: tuple[float, float] | None, eps: float) -> int:
-        number, row = self._row(flat, n)
-        shift, scale, total, squares, low, high, zero_count, saturated = row.unbind()
-        torch.aminmax(flat, out=(low, high))
-        torch.nan_to_num(flat[0], 0.0, 0.0, 0.0, out=shift)
-        exponent = torch.frexp(row[R_MIN:R_MAX + 1]).exponent.amax().clamp_(-120, 120)
-        torch.pow(0.5, exponent, out=scale)  # |x - c| * scale < 2 (0 and non-finite: exponent 0)
+        low, high = torch.aminmax(flat)
+        shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
+        scale = torch.sub(high, low).reciprocal_().nan_to_num_(1.0, 1.0, 1.0)
         buf = _buffer(flat, n)
-        torch.sub(flat, shift, out=buf).mul_(scale)
-        buf.nan_to_num_(MARK, MARK, MARK)
-        torch.sum(buf, 0, out=total)
-        torch.dot(buf, buf, out=squares)
+        torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
+        total = buf.sum()
+        squares = torch.dot(buf, buf)
         if zeros:
-            torch.eq(flat, 0, out=buf)
-            torch.sum(buf, 0, out=zero_count)
-        if saturation is not None:
+            zero_count = torch.eq(flat, 0, out=buf).sum()
+        else:
+            zero_count = self._zeros(flat)
+        if saturation is None:
+            saturated = self._zeros(flat)
+        else:
             lo, hi = saturation
             torch.sub(flat, (lo + hi) / 2, out=buf).abs_()
-            torch.ge(buf, (hi - lo) / 2 - eps, out=buf)
-            torch.sum(buf, 0, out=saturated)
-        return number
+            saturated = torch.ge(buf, (hi - lo) / 2 - eps, out=buf).sum()
+        self._rows.append((shift, scale, total, squares, low, high, zero_count, saturated))
+        self._numels.append(n)
+        return len(self._numels) - 1
+
+    def moments(self, x: torch.Tensor) -> list[int]:
+        """Rows of ``x``'s sums only, shifted by its first value and not scaled: for weights,
+        which are finite and far from float32 overflow (NaN or Inf make the sums NaN or Inf).
+        Min, max and counts are zero; about half the work of :meth:`reduce`."""
+        xf = x.detach()
+        if xf.dtype is not torch.float32 and xf.dtype is not torch.float64:
+            xf = xf.float()
+        flat, numbers = xf.reshape(-1), []
+        for i in range(0, flat.numel(), CHUNK):
+            part = flat[i:i + CHUNK]
+            zero, one = self._zeros(part), self._ones(part)
+            shift = part[0]
+            buf = _buffer(part, part.numel())
+            torch.sub(part, shift, out=buf)
+            self._rows.append((shift, one, buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero))
+            self._numels.append(part.numel())
+            numbers.append(len(self._numels) - 1)
+        return numbers
+
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        return self._constant(like, 0.0)
+
+    def _ones(self, like: torch.Tensor) -> torch.Tensor:
+        return self._constant(like, 1.0)
+
+    def _constant(self, like: torch.Tensor, value: float) -> torch.Tensor:
+        key = (like.device, like.dtype, value)
+        found = self._constants.get(key)
+        if found is None:
+            found = self._constants[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return found
 
     def extremes(self, rows: list[int]) -> torch.Tensor:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` for no rows)."""
         if not rows:
             return torch.tensor([math.nan, math.nan], dtype=torch.float64)
-        if len(rows) == 1:
-            return self._views[rows[0]][R_MIN:R_MAX + 1].double()
-        both = torch.stack([self._views[r][R_MIN:R_MAX + 1] for r in rows]).double()
+        both = torch.stack([torch.stack(self._rows[r][R_MIN:R_MAX + 1]) for r in rows]).double()
         return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
 
     def collect(self, device: torch.device) -> torch.Tensor:
         """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
-        parts, order = [], []
-        for key, blocks in self._blocks.items():
-            used = self._used[key]
-            rows = torch.cat(blocks)[:used] if len(blocks) > 1 else blocks[0][:used]
-            parts.append(rows.to(device=device, dtype=torch.float64))
-            order += self._ids[key]
-        if not parts:
+        if not self._rows:
             return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
-        if len(parts) == 1:
-            return parts[0]
-        out = torch.empty(len(order), RAW_WIDTH, dtype=torch.float64, device=device)
-        return out.index_copy_(0, torch.tensor(order, device=device), torch.cat(parts))
+        values = [v for row in self._rows for v in row]
+        try:
+            stacked = torch.stack(values)  # one operation when every row is on one device, in one dtype
+        except RuntimeError:  # rows on several devices (a model split across them)
+            stacked = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+        return stacked.to(device=device, dtype=torch.float64).reshape(-1, RAW_WIDTH)
 
 
 def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
@@ -266,18 +275,25 @@ class Moments:
     rms: float
 
 
-def merge_moments(n: np.ndarray, sums: np.ndarray, sumsq: np.ndarray) -> Moments:
-    """Merge per-call counts, sums and sums of squares (float64) into mean and population std."""
-    total = float(n.sum())
-    if total == 0:
+def merge_moments(n: float, total: float, sumsq: float) -> Moments:
+    """Mean and population std from a merged count, sum and sum of squares (float64)."""
+    if n == 0:
         return Moments(0.0, math.nan, math.nan, math.nan)
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = float(sums.sum() / total)
-        mean_square = float(sumsq.sum() / total)
-        var = mean_square - mean * mean
+    mean = total / n
+    mean_square = sumsq / n
+    var = mean_square - mean * mean
     std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
-    rms = math.sqrt(mean_square) if math.isfinite(mean_square) else math.nan
-    return Moments(total, mean, std, rms)
+    rms = math.sqrt(mean_square) if math.isfinite(mean_square) and mean_square >= 0 else math.nan
+    return Moments(n, mean, std, rms)
+
+
+def merge_rows(parts: np.ndarray, low_col: int, high_col: int) -> list[float]:
+    """Merge rows of partials: every column summed but ``low_col`` (min) and ``high_col`` (max)."""
+    merged = parts.sum(axis=0).tolist()
+    lows, highs = parts[:, low_col], parts[:, high_col]
+    merged[low_col] = float(np.nanmin(lows)) if not np.all(np.isnan(lows)) else math.nan
+    merged[high_col] = float(np.nanmax(highs)) if not np.all(np.isnan(highs)) else math.nan
+    return merged
 
 
 @dataclass(frozen=True)
@@ -304,33 +320,34 @@ class GradStats:
     nonfinite: int
 
 
-def summarize_activations(parts: np.ndarray) -> tuple[ActStats, float, int, float]:
-    """Merge activation partials (rows) into ``(ActStats, input_rms, input_numel, saturated_frac)``."""
-    m = merge_moments(parts[:, A_N], parts[:, A_SUM], parts[:, A_SUMSQ])
+def summarize_activations(row: Sequence[float]) -> tuple[ActStats, float, int, float]:
+    """A record's merged activation row (``A_*`` columns) as ``(ActStats, input_rms, input_numel, saturated_frac)``."""
+    m = merge_moments(row[A_N], row[A_SUM], row[A_SUMSQ])
     numel = int(m.n)
-    nonfinite = int(parts[:, A_NONFINITE].sum())
+    nonfinite = int(row[A_NONFINITE])
     clean = nonfinite == 0
-    in_n = parts[:, A_IN_N].sum()
-    with np.errstate(invalid="ignore"):
-        in_rms = math.sqrt(parts[:, A_IN_SUMSQ].sum() / in_n) if in_n > 0 else math.nan
+    in_n = row[A_IN_N]
+    in_rms = math.nan
+    if in_n > 0 and math.isfinite(row[A_IN_SUMSQ]) and row[A_IN_SUMSQ] >= 0:
+        in_rms = math.sqrt(row[A_IN_SUMSQ] / in_n)
     act = ActStats(
         mean=m.mean if clean else math.nan,
         std=m.std if clean else math.nan,
         rms=m.rms if clean else math.nan,
-        min=float(np.nanmin(parts[:, A_MIN])) if numel and not np.all(np.isnan(parts[:, A_MIN])) else math.nan,
-        max=float(np.nanmax(parts[:, A_MAX])) if numel and not np.all(np.isnan(parts[:, A_MAX])) else math.nan,
-        zero_frac=float(parts[:, A_ZEROS].sum() / numel) if numel else math.nan,
+        min=float(row[A_MIN]) if numel else math.nan,
+        max=float(row[A_MAX]) if numel else math.nan,
+        zero_frac=row[A_ZEROS] / numel if numel else math.nan,
         numel=numel,
         nonfinite=nonfinite,
     )
-    saturated = float(parts[:, A_SATURATED].sum() / numel) if numel else math.nan
+    saturated = row[A_SATURATED] / numel if numel else math.nan
     return act, in_rms, int(in_n), saturated
 
 
-def summarize_gradients(parts: np.ndarray) -> GradStats:
-    """Merge gradient partials (rows) into :class:`GradStats`."""
-    m = merge_moments(parts[:, G_N], parts[:, G_SUM], parts[:, G_SUMSQ])
-    nonfinite = int(parts[:, G_NONFINITE].sum())
+def summarize_gradients(row: Sequence[float]) -> GradStats:
+    """A record's merged gradient row (``G_*`` columns) as :class:`GradStats`."""
+    m = merge_moments(row[G_N], row[G_SUM], row[G_SUMSQ])
+    nonfinite = int(row[G_NONFINITE])
     if nonfinite:
         return GradStats(math.nan, math.nan, math.nan, nonfinite)
     return GradStats(m.mean, m.std, m.rms, nonfinite)

@@ -77,7 +77,8 @@ def weight_figures(modules: Sequence[nn.Module], *,
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
     Every part's sum and sum of squares come from one :class:`stats.RowStore`
-    (shifted float32 sums, exact for a constant weight), finalized together; the
+    (:meth:`~stats.RowStore.moments`: float32 sums shifted by the first value,
+    exact for a constant weight), finalized together; the
     population std and rms follow on the device. ``symmetry`` gives the symmetric
     verdict of modules already checked: training cannot make distinct units
     identical, nor separate identical ones, so ``watch`` checks each module once.
@@ -99,7 +100,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
             if not parts:
                 continue
             for part in parts:
-                owners += [n_parts] * len(store.reduce(part.tensor))
+                owners += [n_parts] * len(store.moments(part.tensor))
                 n_parts += 1
             firsts.append(parts[0].tensor.detach().reshape(-1)[0])
             if module in known:
