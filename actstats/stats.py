@@ -253,16 +253,26 @@ def histogram_counts(x: torch.Tensor, bounds: torch.Tensor, bins: int) -> torch.
     """Count the finite values of ``x`` into ``bins`` equal bins over ``bounds`` (float64 counts).
 
     Values below/above the range count in the first/last bin; NaN and Inf are
-    not counted. Everything stays on the device: no data-dependent shapes, so
-    no synchronisation (a scatter-add, not ``bincount`` or ``histc``).
+    not counted (they go to an extra bin that is dropped). Positions are computed
+    in chunks inside the scratch buffer. Nothing synchronises: on CPU the bins are
+    counted with ``bincount`` (no device to wait for), elsewhere with
+    ``index_add_``, whose output size does not depend on the data.
     """
     xf = as_float(x).reshape(-1)
     low, high = bounds[0].to(xf.dtype), bounds[1].to(xf.dtype)
-    finite = torch.isfinite(xf)
-    position = ((xf - low) * (bins / (high - low))).nan_to_num(nan=0.0, posinf=bins - 1.0, neginf=0.0)
-    index = position.floor().clamp_(0, bins - 1).long()
-    counts = torch.zeros(bins, dtype=torch.float64, device=xf.device)
-    return counts.scatter_add_(0, index, finite.to(torch.float64))
+    per_unit = torch.div(bins, high - low)
+    on_cpu = xf.device.type == "cpu"
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
+    for start in range(0, xf.numel(), CHUNK):
+        part = xf[start:start + CHUNK]
+        position = torch.sub(part, low, out=_buffer(part, part.numel())).mul_(per_unit)
+        position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1)
+        index = _buffer(counts, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
+        if on_cpu:
+            counts += torch.bincount(index, minlength=bins + 1)
+        else:
+            counts.index_add_(0, index, counts.new_ones(()).expand(index.numel()))  # exact int64 counts
+    return counts[:bins].to(torch.float64)
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,24 @@ def test_unit_maxima_along_channels():
     x[:, 0] = 1.0
     x[0, 2, 3, 1] = 0.5
     assert (stats.unit_maxima(x, 1) > 0).tolist() == [True, False, True]
+
+
+def _numpy_histogram(values, low, high, bins):
+    """Independent reference: finite values only, out-of-range ones in the end bins; positions
+    in float32 like the tensors' own (a float64 position can fall on the other side of an edge)."""
+    v = values[np.isfinite(values)]
+    per_unit = np.float32(bins) / (np.float32(high) - np.float32(low))
+    index = np.clip(np.floor((v - np.float32(low)) * per_unit), 0, bins - 1).astype(int)
+    return np.bincount(index, minlength=bins).astype(float)
+
+
+@pytest.mark.parametrize("n", [1000, stats.CHUNK + 12345])
+def test_histogram_counts_match_numpy_with_end_bins_and_no_nonfinite(n):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=gen) * 2.0
+    x[:7] = torch.tensor([float("nan"), float("inf"), float("-inf"), 100.0, -100.0, 1.5, -1.5])
+    counts = stats.histogram_counts(x, torch.tensor([-1.5, 1.5], dtype=torch.float64), 16)
+    expected = _numpy_histogram(x.numpy(), -1.5, 1.5, 16)
+    assert counts.dtype == torch.float64
+    assert counts.tolist() == expected.tolist()
+    assert counts.sum().item() == n - 3
