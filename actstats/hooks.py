@@ -93,6 +93,8 @@ def is_recorded(module: nn.Module, *, root: bool = False) -> bool:
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """Return the first floating tensor in a nested output (tuple, list, dict, dataclass)."""
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return obj
     for t in iter_tensors(obj):
         if t.is_floating_point():
             return t
@@ -253,7 +255,6 @@ class Recorder:
         # the version make sure it is the same tensor, unchanged): a layer whose input is an
         # earlier output (or the model input) reuses its rows instead of reducing it again.
         self._seen: dict[int, tuple[Any, int, list[int]]] = {}
-        self._activations: dict[int, Activation | None] = {}
         #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
         self.store = stats.RowStore()
         # Which rows belong to what: (row, record index) for outputs, inputs and gradients;
@@ -284,8 +285,12 @@ class Recorder:
             record = is_recorded(module, root=is_root)
             self._handles.append(module.register_forward_pre_hook(
                 self._pre_hook(name, record, is_root), with_kwargs=True))
+            # What a recorded module's call tells about the unit dimension of the layers after it.
+            channels = True if isinstance(module, _CHANNEL_LAYERS) else False if owns_parameters(module) else None
+            activation = module_activation(module) if record else None
             self._handles.append(module.register_forward_hook(
-                self._post_hook(name, record, is_root), with_kwargs=True, always_call=is_root))
+                self._post_hook(name, record, is_root, channels, activation), with_kwargs=True,
+                always_call=is_root))
         self.active = True
         return self
 
@@ -343,7 +348,8 @@ class Recorder:
             self.stack.append(_Frame(module, name, args, kwargs, inputs))
         return hook
 
-    def _post_hook(self, name: str, record: bool, is_root: bool):
+    def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
+                   activation: Activation | None):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             try:
                 if self._skipping or not self.stack or self.stack[-1].module is not module:
@@ -351,15 +357,10 @@ class Recorder:
                 frame = self.stack.pop()
                 if not record:
                     return
-                key = name or type(module).__name__
-                if id(module) not in self._activations:
-                    self._activations[id(module)] = module_activation(module)
-                self._observe(key, type(module).__name__, name, self._activations[id(module)], output,
-                              frame.inputs)
-                if isinstance(module, _CHANNEL_LAYERS):
-                    self._channel_units = True
-                elif owns_parameters(module):
-                    self._channel_units = False
+                kind = type(module).__name__
+                self._observe(name or kind, kind, name, activation, output, frame.inputs)
+                if channels is not None:
+                    self._channel_units = channels
             finally:
                 if is_root:
                     self._exit_mode()
