@@ -161,6 +161,11 @@ class Watch:
         if flagged is not None:
             raise FlagRaisedError(f"step {closing}: {flagged}")
 
+    def flush(self) -> None:
+        """Write pending TensorBoard events to disk now (no-op without a logdir or writer)."""
+        if self._sink is not None:
+            self._sink.flush()
+
     def report(self) -> Report | None:
         """The report of the latest sampled step (merged across processes), or None before one."""
         return self._report

@@ -24,8 +24,11 @@ own deep copy of the model:
 * ``actstats_probe``: one ``actstats.probe(model, x, batches=1)`` call.
 * ``fastai_activationstats``: fastai's ``ActivationStats`` hook, if fastai is installed.
 
-Repetitions are interleaved (every method once per repetition, in a rotating
-order) so that machine drift cancels; a cell is the method's median (min) over
+Repetitions are interleaved (every method once per repetition, in a seeded
+shuffled order) so that machine drift cancels and no method always pays for the
+state its predecessor left; the garbage collector runs between steps, not during
+them (as in ``timeit``), and TensorBoard writers are flushed inside the step that
+wrote; a cell is the method's median (min) over
 plain's median (min), same workload, same run. Peak RSS (``VmHWM``) comes from
 a fresh process per method and workload (1 warm-up + 5 steps; ``--no-rss``
 skips it), run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows the
@@ -39,10 +42,12 @@ import argparse
 import contextlib
 import copy
 import difflib
+import gc
 import importlib
 import importlib.util
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -187,6 +192,8 @@ def _handwritten(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStack,
     def run() -> None:
         nonlocal step
         forward_backward(model, x)
+        if writer is not None:
+            writer.flush()  # the writer thread's serialisation belongs to this step, not the next one
         step += 1
     return run
 
@@ -205,6 +212,7 @@ def _watched(model: nn.Module, x: torch.Tensor, w: actstats.Watch) -> Step:
     def step() -> None:
         forward_backward(model, x)
         w.step()
+        w.flush()  # as handwritten_tb: the event writer's work counts in this step
     return step
 
 
@@ -248,25 +256,39 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor, contextlib.ExitStack, str]
 
 
 def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each method, repetitions interleaved in a rotating order."""
+    """Seconds per step of each method, repetitions interleaved in a shuffled order.
+
+    The order is shuffled (seeded) every repetition, so that no method always
+    follows the same one (a method leaves caches, the allocator and background
+    threads in a state the next one pays for). As in ``timeit``, Python's cyclic
+    garbage collector is off during a timed step and runs between steps.
+    """
     model, x = build(workload)
     seconds: dict[str, list[float]] = {m: [] for m in methods}
+    order = random.Random(0)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="actstats-bench-"))
         runners = {}
         for m in methods:
             twin = copy.deepcopy(model)
             runners[m] = (twin, METHODS[m](twin, x, stack, os.path.join(tmp, m)))
-        for rep in range(warmup + steps):
-            k = rep % len(methods)
-            for m in methods[k:] + methods[:k]:
-                twin, step = runners[m]
-                start = time.perf_counter()
-                step()
-                elapsed = time.perf_counter() - start
-                twin.zero_grad(set_to_none=True)
-                if rep >= warmup:
-                    seconds[m].append(elapsed)
+        gc_was_enabled = gc.isenabled()
+        try:
+            for rep in range(warmup + steps):
+                for m in order.sample(methods, len(methods)):
+                    twin, step = runners[m]
+                    gc.collect()
+                    gc.disable()
+                    start = time.perf_counter()
+                    step()
+                    elapsed = time.perf_counter() - start
+                    gc.enable()
+                    twin.zero_grad(set_to_none=True)
+                    if rep >= warmup:
+                        seconds[m].append(elapsed)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     return seconds
 
 

@@ -277,3 +277,15 @@ def test_ddp_statistics_are_merged_exactly_across_two_processes(tmp_path):
     acc = events(tmp_path / "rank0")
     assert [e.step for e in acc.Scalars("act_std/0")] == [0, 1]
     assert [e.step for e in acc.Histograms("activations/0")] == [1]  # ranks bin alike from step 1
+
+
+def test_flush_makes_a_sampled_step_readable_before_the_watch_closes(tmp_path):
+    model = small_model()
+    with actstats.watch(model, logdir=str(tmp_path), every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        w.flush()
+        acc = events(tmp_path)  # read while the writer is still open
+        assert [e.step for e in acc.Scalars("act_std/0")] == [0]
+        assert acc.Scalars("act_std/0")[0].value == pytest.approx(w.report().layer("0").act.std, rel=1e-6)
+    actstats.watch(small_model()).flush()  # no logdir: nothing to flush, no error
