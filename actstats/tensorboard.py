@@ -169,21 +169,23 @@ class TensorBoardSink:
             raise ValueError(f"histograms given for {unknown!r}, which are not records of this report; "
                              f"records: {', '.join(layer.name for layer in report.layers)}")
         self.write_layout(report)
+        # Scalars sharing a step go out as one event (one Summary holding every value): the
+        # event file writer's cost is per event (and per byte: its CRC is pure Python).
+        per_step: list[tuple[str, float | None]] = []
         for layer in report.layers:
             tag = tag_name(layer.name)
-            self._scalar(f"act_std/{tag}", layer.act.std, step)
-            self._scalar(f"act_mean/{tag}", layer.act.mean, step)
+            per_step += [(f"act_std/{tag}", layer.act.std), (f"act_mean/{tag}", layer.act.mean)]
             if layer.grad is not None:
-                self._scalar(f"grad_std/{tag}", layer.grad.std, step)
+                per_step.append((f"grad_std/{tag}", layer.grad.std))
             if layer.dead_frac is not None:
-                self._scalar(f"dead_frac/{tag}", layer.dead_frac, step)
+                per_step.append((f"dead_frac/{tag}", layer.dead_frac))
             if layer.saturation is not None:
-                self._scalar(f"saturation/{tag}", layer.saturation, step)
+                per_step.append((f"saturation/{tag}", layer.saturation))
+        self._scalars(per_step, step)
         for layer in report.layers:
-            self._scalar("propagation/act_rms", layer.act.rms, layer.index)
-        for layer in report.layers:
-            if layer.grad is not None:
-                self._scalar("propagation/grad_rms", layer.grad.rms, layer.index)
+            self._scalars([("propagation/act_rms", layer.act.rms),
+                           ("propagation/grad_rms", layer.grad.rms if layer.grad is not None else None)],
+                          layer.index)
         for layer in report.layers:
             act_hist, grad_hist = histograms.get(layer.name, (None, None))
             tag = tag_name(layer.name)
@@ -246,13 +248,19 @@ class TensorBoardSink:
         if self._closed:
             raise ValueError(f"this TensorBoardSink ({self.logdir}) is closed; create a new one to write more")
 
-    def _scalar(self, tag: str, value: float | None, step: int) -> None:
-        if value is not None and math.isfinite(value):
-            self._writer.add_scalar(tag, float(value), global_step=step)
+    def _scalars(self, values: Sequence[tuple[str, float | None]], step: int) -> None:
+        """Write the finite values as one event at ``step`` (what ``add_scalar`` writes, batched)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        kept = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values
+                if v is not None and math.isfinite(v)]
+        if kept:
+            self._writer._get_file_writer().add_summary(Summary(value=kept), step)
 
     def _histogram(self, tag: str, hist: Histogram | None, step: int) -> None:
         if hist is None or not hist.finite:
             return
+        limits, counts = _without_empty_runs(hist.bucket_limits(), list(hist.counts))
         self._writer.add_histogram_raw(
             tag,
             min=hist.min,
@@ -260,8 +268,8 @@ class TensorBoardSink:
             num=hist.num,
             sum=hist.sum,
             sum_squares=hist.sum_squares,
-            bucket_limits=hist.bucket_limits(),
-            bucket_counts=list(hist.counts),
+            bucket_limits=limits,
+            bucket_counts=counts,
             global_step=step,
         )
 
@@ -273,6 +281,23 @@ class TensorBoardSink:
         summary = text(tag, markdown)
         summary.value[0].tag = tag
         self._writer._get_file_writer().add_summary(summary, step)
+
+
+def _without_empty_runs(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
+    """Merge each run of consecutive empty buckets into one empty bucket (its last right edge).
+
+    The same histogram, fewer bytes: a bucket spans from the previous limit to
+    its own, so a merged empty bucket covers exactly the empty range.
+    """
+    kept_limits: list[float] = []
+    kept_counts: list[float] = []
+    for limit, count in zip(limits, counts):
+        if count == 0 and kept_counts and kept_counts[-1] == 0:
+            kept_limits[-1] = limit
+        else:
+            kept_limits.append(limit)
+            kept_counts.append(count)
+    return kept_limits, kept_counts
 
 
 def flags_markdown(flags: Sequence[Flag]) -> str:

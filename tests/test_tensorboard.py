@@ -389,3 +389,14 @@ def test_import_does_not_load_tensorboard() -> None:
     code = "import sys, actstats, actstats.tensorboard; print('torch.utils.tensorboard' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runs_of_empty_buckets_are_written_as_one(report: actstats.Report, tmp_path: Path) -> None:
+    # 8 unit bins over [0, 8]: counts 0 0 2 0 0 0 1 0 -> each empty run becomes one bucket
+    # ending where the run ends; the non-empty bins keep their exact ranges.
+    hist = Histogram(np.arange(9.0), [0, 0, 2, 0, 0, 0, 1, 0], 2.2, 6.5, 3, 11.0, 43.0)
+    with TensorBoardSink(tmp_path) as sink:
+        sink.write_report(report, 0, histograms={"fc1": (hist, None)})
+    h = load(tmp_path).Histograms("activations/fc1")[0].histogram_value
+    assert (h.bucket_limit, h.bucket) == ([2.0, 3.0, 6.0, 7.0, 8.0], [0.0, 2.0, 0.0, 1.0, 0.0])
+    assert (h.min, h.max, h.num) == (2.2, 6.5, 3)
