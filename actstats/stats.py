@@ -1,19 +1,20 @@
 """Streaming, mergeable statistics of tensors.
 
 A hook reduces each tensor it sees, on the tensor's own device, into a *raw
-row* of a :class:`RowStore`: a few reductions written in place into a
-preallocated block, nothing leaving the device. Once per step all rows are
-finalized together in float64 (:func:`finalize`) and merged per record by
-adding counts, sums and sums of squares, so the result is the statistic of all
-values seen together, never an average of per-batch figures. Within one tensor
-the sums run in float32 (float64 for float64 tensors) on values shifted by
-their first value, which keeps the variance of a tensor with a large mean.
+row* of a :class:`RowStore`: a dozen reductions whose 0-d results stay where
+they are, nothing synchronised, nothing moved to the host. Once per step all
+rows are stacked and finalized together in float64 (:func:`finalize`) and
+merged per record by adding counts, sums and sums of squares, so the result is
+the statistic of all values seen together, never an average of per-batch
+figures. Within one tensor the sums run in float32 (float64 for float64
+tensors) on values shifted by their first value, which keeps the variance of a
+tensor with a large mean, and scaled into ``[-1, 1]``, which keeps the sum of
+squares from overflowing or underflowing.
 
 Conventions: standard deviations are population figures (divide by N),
 ``std = sqrt(E[x^2] - E[x]^2)`` from the merged sums; ``rms = sqrt(E[x^2])``;
 a tensor holding NaN or Inf gives non-finite (NaN) sums and counts those
-elements in ``nonfinite``. Limit: float32 values beyond about ``1e18`` in
-magnitude overflow the float32 sum of squares (std and rms become Inf).
+elements in ``nonfinite``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ RAW_WIDTH = 8
 F_N, F_SUM, F_SUMSQ, F_ZEROS, F_NONFINITE, F_SATURATED, F_MIN, F_MAX = range(8)
 FINAL_WIDTH = 8
 
-#: Non-finite values are replaced by this mark before summing (``2**100``, exact in float16
-#: and up): a row's sum is then ``sum(finite x - c) + MARK * count``, from which
-#: :func:`finalize` reads the count back whenever the row's min or max is not finite.
+#: Non-finite values are replaced by this mark before summing (``2**100``, exact in float32):
+#: a row whose min or max is not finite has its finite values scaled to zero, so its sum is
+#: ``MARK * count``, from which :func:`finalize` reads the count back.
 MARK = 2.0 ** 100
 
 
@@ -85,9 +86,10 @@ class RowStore:
     Per chunk of at most :data:`CHUNK` values: ``aminmax``; ``(x - c) * k`` into
     a scratch buffer, with ``c`` the first value (zero when not finite), so that
     a large mean does not cancel the variance away in the float32 sum of
-    squares, and ``k = 1 / (max - min)`` (one when that is not finite), so that
-    ``|x - c| * k <= 1`` and the sum of squares can neither overflow nor
-    underflow (a constant tensor stays exact: ``x - c`` is zero); its non-finite
+    squares, and ``k = 1 / (max - min)``, so that ``|x - c| * k <= 1`` and the
+    sum of squares can neither overflow nor underflow (``k = 1`` for a constant
+    tensor, which stays exact: ``x - c`` is zero; ``k = 0`` when min or max is
+    not finite, so that the row's sum holds the marks alone); its non-finite
     values replaced by :data:`MARK`; then ``sum`` and
     ``dot``. The zero count is the sum of ``x == 0``; the saturated count the
     sum of ``|x - mid| >= half - eps``. Sums run in the tensor's own float
@@ -133,7 +135,7 @@ class RowStore:
                 saturation: tuple[float, float] | None, eps: float) -> int:
         low, high = torch.aminmax(flat)
         shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
-        scale = torch.sub(high, low).reciprocal_().nan_to_num_(1.0, 1.0, 1.0)
+        scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
         buf = _buffer(flat, n)
         torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
         total = buf.sum()
@@ -210,8 +212,8 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     saturated count, min, max. Scale and shift come out in float64
     (``sum(x) = sum(x - c) + n c``, ``sum(x^2) = sum((x - c)^2) + c (2 sum(x - c) + n c)``).
     A row whose min or max is not finite held NaN or Inf: its non-finite count is
-    ``round(sum / MARK)`` (exact while the finite values sum to well under
-    :data:`MARK`) and its sums become NaN.
+    ``round(sum / MARK)`` (exact: its finite values were scaled to zero) and its
+    sums become NaN.
     """
     c = raw[:, R_SHIFT]
     low, high = raw[:, R_MIN], raw[:, R_MAX]
