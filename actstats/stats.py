@@ -97,8 +97,13 @@ class RowStore:
     conversion copy on CPU).
     """
 
+    #: Rows are stacked into one tensor every ``BLOCK`` rows, so that a model with
+    #: thousands of records holds a few tensors, not eight small ones per row.
+    BLOCK = 256
+
     def __init__(self) -> None:
-        self._rows: list[tuple[torch.Tensor, ...]] = []
+        self._blocks: list[torch.Tensor] = []  # [BLOCK, RAW_WIDTH] each, rows in order
+        self._rows: list[tuple[torch.Tensor, ...]] = []  # rows not stacked yet, after the blocks
         self._numels: list[int] = []
         self._constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
@@ -150,8 +155,14 @@ class RowStore:
             lo, hi = saturation
             torch.sub(flat, (lo + hi) / 2, out=buf).abs_()
             saturated = torch.ge(buf, (hi - lo) / 2 - eps, out=buf).sum()
-        self._rows.append((shift, scale, total, squares, low, high, zero_count, saturated))
+        return self._append((shift, scale, total, squares, low, high, zero_count, saturated), n)
+
+    def _append(self, row: tuple[torch.Tensor, ...], n: int) -> int:
+        self._rows.append(row)
         self._numels.append(n)
+        if len(self._rows) == self.BLOCK:
+            self._blocks.append(_stack_rows(self._rows))
+            self._rows = []
         return len(self._numels) - 1
 
     def moments(self, x: torch.Tensor) -> list[int]:
@@ -168,9 +179,8 @@ class RowStore:
             shift = part[0]
             buf = _buffer(part, part.numel())
             torch.sub(part, shift, out=buf)
-            self._rows.append((shift, one, buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero))
-            self._numels.append(part.numel())
-            numbers.append(len(self._numels) - 1)
+            row = (shift, one, buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
+            numbers.append(self._append(row, part.numel()))
         return numbers
 
     def _zeros(self, like: torch.Tensor) -> torch.Tensor:
@@ -190,19 +200,30 @@ class RowStore:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` for no rows)."""
         if not rows:
             return torch.tensor([math.nan, math.nan], dtype=torch.float64)
-        both = torch.stack([torch.stack(self._rows[r][R_MIN:R_MAX + 1]) for r in rows]).double()
+        stacked = len(self._blocks) * self.BLOCK
+        both = torch.stack([
+            self._blocks[r // self.BLOCK][r % self.BLOCK, R_MIN:R_MAX + 1].double() if r < stacked
+            else torch.stack(self._rows[r - stacked][R_MIN:R_MAX + 1]).double() for r in rows])
         return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
 
     def collect(self, device: torch.device) -> torch.Tensor:
         """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
-        if not self._rows:
+        blocks = self._blocks + ([_stack_rows(self._rows)] if self._rows else [])
+        if not blocks:
             return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
-        values = [v for row in self._rows for v in row]
-        try:
-            stacked = torch.stack(values)  # one operation when every row is on one device, in one dtype
-        except RuntimeError:  # rows on several devices (a model split across them)
-            stacked = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
-        return stacked.to(device=device, dtype=torch.float64).reshape(-1, RAW_WIDTH)
+        return torch.cat([b.to(device=device, dtype=torch.float64) for b in blocks])
+
+
+def _stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Stack rows of 0-d tensors into one ``[len(rows), RAW_WIDTH]`` tensor, in one operation when
+    they share a device (float32 and float64 rows together give float64)."""
+    values = [v for row in rows for v in row]
+    try:
+        stacked = torch.stack(values)
+    except RuntimeError:  # rows on several devices (a model split across them): gather on the first
+        device = values[0].device
+        stacked = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+    return stacked.reshape(-1, RAW_WIDTH)
 
 
 def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:

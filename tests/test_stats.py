@@ -165,3 +165,20 @@ def test_histogram_counts_match_numpy_with_end_bins_and_no_nonfinite(n):
     assert counts.dtype == torch.float64
     assert counts.tolist() == expected.tolist()
     assert counts.sum().item() == n - 3
+
+
+def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
+    store = stats.RowStore()
+    n_rows = 2 * stats.RowStore.BLOCK + 3
+    xs = [torch.tensor([float(i), -float(i)], dtype=torch.float64 if i % 7 == 0 else torch.float32)
+          for i in range(n_rows)]
+    for x in xs:
+        store.reduce(x, zeros=True)
+    raw = store.collect(torch.device("cpu"))
+    rows = stats.finalize(raw, torch.tensor(store.numels(), dtype=torch.float64))
+    assert rows.shape == (n_rows, stats.FINAL_WIDTH)
+    assert rows[:, stats.F_MAX].tolist() == [float(i) for i in range(n_rows)]
+    assert rows[:, stats.F_SUMSQ].tolist() == pytest.approx([2.0 * i * i for i in range(n_rows)], rel=1e-6)
+    assert rows[:, stats.F_ZEROS].tolist() == [2.0] + [0.0] * (n_rows - 1)
+    last = n_rows - 1
+    assert store.extremes([3, stats.RowStore.BLOCK + 1, last]).tolist() == [-float(last), float(last)]
