@@ -23,11 +23,13 @@ Mechanisms:
   output: autograd hands it the gradient w.r.t. the value the record produced.
 
 Hooks never keep a tensor beyond the call that produced it: each one reduces
-``tensor.detach()`` into a small partial on the tensor's device
-(:mod:`actstats.stats`) and appends it to the record's state (the stack of
-running modules refers to their arguments only until they return). Nothing
-is moved to the host here: :meth:`Recorder.gather` merges on the device and the
-caller makes the one transfer.
+``tensor.detach()`` into raw rows of the recorder's :class:`~actstats.stats.RowStore`
+on the tensor's device and notes which record owns them (the stack of running
+modules refers to their arguments only until they return; the rows of each
+output are found again by a weak reference, so that a layer whose input is an
+earlier output does not reduce it twice). Nothing is moved to the host here:
+:meth:`Recorder.gather` merges on the device and the caller makes the one
+transfer.
 """
 
 from __future__ import annotations
@@ -434,7 +436,7 @@ class Recorder:
             if self.bins:
                 if state.act_range is None:
                     state.act_range = self._range(name, 0, self.store.extremes(rows))
-                    state.act_hist = self.store.extremes(rows).new_zeros(self.bins, dtype=torch.float64)
+                    state.act_hist = torch.zeros(self.bins, dtype=torch.float64, device=y.device)
                 state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
             if self.backward and y.requires_grad and torch.is_grad_enabled():
                 y.register_hook(self._grad_hook(state))
