@@ -78,8 +78,8 @@ def weight_figures(modules: Sequence[nn.Module], *,
 
     Every part's sum and sum of squares come from one :class:`stats.RowStore`
     (:meth:`~stats.RowStore.moments`: float32 sums shifted by the first value,
-    exact for a constant weight), finalized together; the
-    population std and rms follow on the device. ``symmetry`` gives the symmetric
+    exact for a constant weight), finalized together; the population std and
+    rms follow on the device. ``symmetry`` gives the symmetric
     verdict of modules already checked: training cannot make distinct units
     identical, nor separate identical ones, so ``watch`` checks each module once.
     Returns the vector (None when there is nothing to measure) and a function
