@@ -65,7 +65,8 @@ CHUNK = 1 << 20
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _buffer(like: torch.Tensor, n: int) -> torch.Tensor:
+def scratch(like: torch.Tensor, n: int) -> torch.Tensor:
+    """A reused 1-D buffer of ``n <= CHUNK`` values in ``like``'s device and dtype (contents undefined)."""
     key = (like.device, like.dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
@@ -141,7 +142,7 @@ class RowStore:
         low, high = torch.aminmax(flat)
         shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
         scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
-        buf = _buffer(flat, n)
+        buf = scratch(flat, n)
         torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
         total = buf.sum()
         squares = torch.dot(buf, buf)
@@ -177,7 +178,7 @@ class RowStore:
             part = flat[i:i + CHUNK]
             zero, one = self._zeros(part), self._ones(part)
             shift = part[0]
-            buf = _buffer(part, part.numel())
+            buf = scratch(part, part.numel())
             torch.sub(part, shift, out=buf)
             row = (shift, one, buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
             numbers.append(self._append(row, part.numel()))
@@ -288,9 +289,9 @@ def histogram_counts(x: torch.Tensor, bounds: torch.Tensor, bins: int) -> torch.
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
     for start in range(0, xf.numel(), CHUNK):
         part = xf[start:start + CHUNK]
-        position = torch.sub(part, low, out=_buffer(part, part.numel())).mul_(per_unit)
+        position = torch.sub(part, low, out=scratch(part, part.numel())).mul_(per_unit)
         position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1)
-        index = _buffer(counts, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
+        index = scratch(counts, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
         if on_cpu:
             counts += torch.bincount(index, minlength=bins + 1)
         else:

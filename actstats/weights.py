@@ -45,11 +45,23 @@ def unit_dim(module: nn.Module) -> int:
 def _units_equal(rows: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor: are all rows of ``rows`` (units x inputs) identical?
 
-    One pass (the per-column min and max over units) instead of comparing every
-    weight with the first row's, which allocates a mask as large as the weight.
+    Each row minus the first, into the scratch buffer (chunks of whole rows),
+    then ``aminmax``: identical exactly when every difference is zero. Fast
+    full reductions only (a per-column ``aminmax(dim=0)`` is several times
+    slower on CPU), and no mask as large as the weight.
     """
-    low, high = torch.aminmax(rows, dim=0)
-    return (low == high).all()
+    first = rows[:1]
+    per_chunk = max(1, stats.CHUNK // max(1, rows.shape[1]))
+    extremes = []
+    for start in range(0, rows.shape[0], per_chunk):
+        part = rows[start:start + per_chunk]
+        if part.numel() <= stats.CHUNK:
+            diff = torch.sub(part, first, out=stats.scratch(part, part.numel()).view(part.shape))
+        else:  # a single row wider than the scratch buffer
+            diff = part - first
+        extremes.append(torch.stack(torch.aminmax(diff)))
+    both = torch.stack(extremes)  # [chunks, (min, max)]
+    return (both[:, 0].amin() == 0) & (both[:, 1].amax() == 0)
 
 
 def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> torch.Tensor:

@@ -312,3 +312,21 @@ def test_following_nonlinearity_is_found_through_norm_dropout_and_functional_cal
     assert report.layer("fc").weight.he_std == pytest.approx(math.sqrt(2 / 1.04) / 2)
     assert report.layer("out").weight.nonlinearity == "linear"
     assert report.layer("out").weight.reference == "xavier"
+
+
+def test_symmetry_check_spans_chunks_and_sees_one_differing_weight():
+    from actstats.weights import weight_figures
+
+    layer = nn.Linear(3000, 1000)  # 3M weights: the row differences go through the scratch buffer in chunks
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(1, 3000).expand(1000, 3000))
+        layer.bias.fill_(0.5)
+
+    def symmetric():
+        vector, decode = weight_figures([layer])
+        return decode(vector.numpy())[layer].symmetric
+
+    assert symmetric()
+    with torch.no_grad():
+        layer.weight[999, 2999] += 1e-3  # the last weight of the last unit
+    assert not symmetric()
