@@ -286,9 +286,8 @@ def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int)
                     twin.zero_grad(set_to_none=True)
                     if rep >= warmup:
                         seconds[m].append(elapsed)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        finally:  # leave the collector as it was found
+            (gc.enable if gc_was_enabled else gc.disable)()
     return seconds
 
 
