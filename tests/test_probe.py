@@ -336,3 +336,39 @@ def test_a_compiled_model_is_probed_through_its_original_module():
     model = models.ReuseReLU()
     report = actstats.probe(torch.compile(model), torch.randn(4, 6), batches=1)
     assert [l.name for l in report.layers] == ["fc1", "relu", "fc2", "relu#1", "fc3", "relu#2"]
+
+
+class _TwoBranches(nn.Module):
+    """x feeds two layers; the second layer's input is changed in place before it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.after = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.left(x)
+        b = self.right(x)
+        a += b  # in place: the next layer's input is no longer the tensor 'left' produced
+        return self.after(a)
+
+
+def test_an_input_seen_before_is_not_reduced_again_unless_it_changed(monkeypatch):
+    from actstats import stats
+
+    calls = []
+    real = stats.RowStore.reduce
+    monkeypatch.setattr(stats.RowStore, "reduce", lambda self, x, **k: calls.append(x.shape) or real(self, x, **k))
+    model, x = _TwoBranches(), torch.randn(8, 4)
+    with torch.no_grad():
+        expected_after_input = model.left(x) + model.right(x)
+    with Recorder(model, backward=False) as recorder, torch.no_grad():
+        model(x)
+    # x once (model input, reused by both branches), three outputs, and 'after''s input again
+    # (its version changed with +=): five reductions, not six.
+    assert len(calls) == 5
+    by_name = {s.name: s for s in collect(recorder)}
+    x_rms = float(x.double().square().mean().sqrt())
+    assert by_name["left"].input_rms == pytest.approx(x_rms, rel=1e-6)
+    assert by_name["right"].input_rms == pytest.approx(x_rms, rel=1e-6)
+    after_rms = float(expected_after_input.double().square().mean().sqrt())
+    assert by_name["after"].input_rms == pytest.approx(after_rms, rel=1e-6)
