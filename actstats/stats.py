@@ -23,7 +23,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 # Columns of an activation partial, as merged per record (additive but for min/max).
@@ -319,15 +318,6 @@ def merge_moments(n: float, total: float, sumsq: float) -> Moments:
     std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
     rms = math.sqrt(mean_square) if math.isfinite(mean_square) and mean_square >= 0 else math.nan
     return Moments(n, mean, std, rms)
-
-
-def merge_rows(parts: np.ndarray, low_col: int, high_col: int) -> list[float]:
-    """Merge rows of partials: every column summed but ``low_col`` (min) and ``high_col`` (max)."""
-    merged = parts.sum(axis=0).tolist()
-    lows, highs = parts[:, low_col], parts[:, high_col]
-    merged[low_col] = float(np.nanmin(lows)) if not np.all(np.isnan(lows)) else math.nan
-    merged[high_col] = float(np.nanmax(highs)) if not np.all(np.isnan(highs)) else math.nan
-    return merged
 
 
 @dataclass(frozen=True)
