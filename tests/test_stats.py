@@ -21,8 +21,9 @@ def _finalized(chunks, **kw):
 def _merge_rows(parts):
     """Merge activation rows as the recorder does: columns summed, min of minima, max of maxima."""
     merged = parts.sum(axis=0).tolist()
-    merged[stats.A_MIN] = float(np.nanmin(parts[:, stats.A_MIN])) if not np.isnan(parts[:, stats.A_MIN]).all() else math.nan
-    merged[stats.A_MAX] = float(np.nanmax(parts[:, stats.A_MAX])) if not np.isnan(parts[:, stats.A_MAX]).all() else math.nan
+    lows, highs = parts[:, stats.A_MIN], parts[:, stats.A_MAX]
+    merged[stats.A_MIN] = math.nan if np.isnan(lows).all() else float(np.nanmin(lows))
+    merged[stats.A_MAX] = math.nan if np.isnan(highs).all() else float(np.nanmax(highs))
     return merged
 
 
