@@ -335,8 +335,7 @@ class Recorder:
                 if x is not None:
                     if self.input_shape is None:
                         self.input_shape = tuple(x.shape)
-                    if x.is_floating_point():
-                        self._root_rows += self._input_partial(x)  # also the first layer's input
+                    self._root_rows += self._rows_of_input(x) or []  # also the first layer's input
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
@@ -346,7 +345,7 @@ class Recorder:
             if record:
                 x = _first_input(args, kwargs)
                 if x is not None:
-                    inputs = self._input_partial(x)
+                    inputs = self._rows_of_input(x)
             self.stack.append(_Frame(module, name, args, kwargs, inputs))
         return hook
 
@@ -368,7 +367,7 @@ class Recorder:
                     self._exit_mode()
         return hook
 
-    def _input_partial(self, x: torch.Tensor) -> list[int] | None:
+    def _rows_of_input(self, x: torch.Tensor) -> list[int] | None:
         """The input's raw rows; when an earlier record produced it, unchanged since
         (same object, same version), that record's rows."""
         seen = self._seen.get(id(x))
@@ -387,7 +386,7 @@ class Recorder:
             return func(*args, **kwargs)
         type_name = FUNCTIONAL_ACTIVATIONS[func][0]
         x = args[0] if args else None
-        inputs = self._input_partial(x) if isinstance(x, torch.Tensor) else None
+        inputs = self._rows_of_input(x) if isinstance(x, torch.Tensor) else None
         output = func(*args, **kwargs)
         short = type_name.split(".", 1)[1]
         key = f"{owner.name}.{short}()" if owner.name else f"{short}()"
@@ -435,17 +434,18 @@ class Recorder:
                     torch.fmax(state.unit_max, unit_max, out=state.unit_max)
             if self.bins:
                 if state.act_range is None:
-                    state.act_range = self._range(name, 0, self.store.extremes(rows))
+                    state.act_range = self._range(name, 0, rows, y.device)
                     state.act_hist = torch.zeros(self.bins, dtype=torch.float64, device=y.device)
                 state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
             if self.backward and y.requires_grad and torch.is_grad_enabled():
                 y.register_hook(self._grad_hook(state))
 
-    def _range(self, name: str, which: int, measured: torch.Tensor) -> torch.Tensor:
+    def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor:
+        """A record's histogram range: its hint when there is a usable one, else the min/max of ``rows``."""
         hint = self.range_hints.get(name, (None, None))[which]
         if hint is not None and all(map(_finite, hint)) and hint[1] > hint[0]:
-            return measured.new_tensor(hint)
-        return stats.histogram_range(measured)
+            return torch.tensor(hint, dtype=torch.float64, device=device)
+        return stats.histogram_range(self.store.extremes(rows))
 
     def _grad_hook(self, state: RecordState):
         def hook(grad: torch.Tensor) -> None:
@@ -458,7 +458,7 @@ class Recorder:
                 self._grad_rows += [(r, record) for r in rows]
                 if self.bins:
                     if state.grad_range is None:
-                        state.grad_range = self._range(state.name, 1, self.store.extremes(rows))
+                        state.grad_range = self._range(state.name, 1, rows, grad.device)
                         state.grad_hist = torch.zeros(self.bins, dtype=torch.float64, device=grad.device)
                     state.grad_hist += stats.histogram_counts(grad, state.grad_range, self.bins)
         return hook
@@ -508,17 +508,14 @@ class Recorder:
             [len(self.store), len(act_rows), len(act_rows), len(in_rows), len(in_rows),
              len(grad_rows), len(grad_rows), len(self._root_rows)])
         final = stats.finalize(self.store.collect(device), numels)
-        act = final.index_select(0, act_rows_t.long())
-        act_owner_t = act_owner_t.long()
+        act, act_owner_t = final.index_select(0, act_rows_t.long()), act_owner_t.long()
         act_sums = torch.cat([
-            act.new_zeros(n_rec, len(_ROW_ACT)).index_add_(0, act_owner_t, act[:, _ROW_ACT]),
-            act.new_zeros(n_rec, 2).index_add_(0, in_owner_t.long(),
-                                               final.index_select(0, in_rows_t.long())[:, _ROW_INPUT]),
+            stats.sum_by_owner(act, act_owner_t, n_rec, _ROW_ACT),
+            stats.sum_by_owner(final.index_select(0, in_rows_t.long()), in_owner_t.long(), n_rec, _ROW_INPUT),
         ], dim=1)
         act_high, act_low = _extremes(act, act_owner_t, n_rec)
-        grad = final.index_select(0, grad_rows_t.long())
-        grad_owner_t = grad_owner_t.long()
-        grad_sums = grad.new_zeros(n_rec, len(_ROW_GRAD)).index_add_(0, grad_owner_t, grad[:, _ROW_GRAD])
+        grad, grad_owner_t = final.index_select(0, grad_rows_t.long()), grad_owner_t.long()
+        grad_sums = stats.sum_by_owner(grad, grad_owner_t, n_rec, _ROW_GRAD)
         grad_high, grad_low = _extremes(grad, grad_owner_t, n_rec)
         inputs = final.index_select(0, root_rows_t.long())[:, _ROW_ROOT].sum(0)
         sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
@@ -551,6 +548,7 @@ class Recorder:
         return [s.module_name for s in ordered if s.module_name is not None]
 
     def _parse(self, states: list[RecordState], sums: np.ndarray, maxes: np.ndarray) -> list[RecordSummary]:
+        """Build the summaries on the host, from numpy slices of the step's single transfer."""
         n_rec, n_act = len(states), len(_ACT_ADDITIVE)
         act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act).tolist()
         grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE).tolist()

@@ -28,8 +28,8 @@ import torch
 # Columns of an activation partial, as merged per record (additive but for min/max).
 A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
 ACT_WIDTH = 10
-# Columns of a gradient partial, as merged per record.
-G_N, G_SUM, G_SUMSQ, G_NONFINITE, G_MIN, G_MAX = range(6)
+# Columns of a gradient partial, as merged per record (min and max travel separately).
+G_N, G_SUM, G_SUMSQ, G_NONFINITE = range(4)
 
 # What a hook writes per tensor (a "raw" row, in the tensor's float dtype): its first value
 # c (the shift), a scale k, the sums of (x - c) * k and of its square,
@@ -62,6 +62,13 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 #: float32 counts of one chunk stay exact (below 2**24).
 CHUNK = 1 << 20
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` flattened, in pieces of at most :data:`CHUNK` values (one view when it fits; none when empty)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    return [flat] if 0 < n <= CHUNK else [flat[i:i + CHUNK] for i in range(0, n, CHUNK)]
 
 
 def scratch(like: torch.Tensor, n: int) -> torch.Tensor:
@@ -124,20 +131,10 @@ class RowStore:
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
         """
-        xf = x.detach()
-        if xf.dtype is not torch.float32 and xf.dtype is not torch.float64:
-            xf = xf.float()
-        n = xf.numel()
-        if n == 0:
-            return []
-        flat = xf.reshape(-1)
-        if n <= CHUNK:
-            return [self._reduce(flat, n, zeros, saturation, eps)]
-        return [self._reduce(flat[i:i + CHUNK], min(CHUNK, n - i), zeros, saturation, eps)
-                for i in range(0, n, CHUNK)]
+        return [self._reduce(part, zeros, saturation, eps) for part in chunks(as_float(x))]
 
-    def _reduce(self, flat: torch.Tensor, n: int, zeros: bool,
-                saturation: tuple[float, float] | None, eps: float) -> int:
+    def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
+        n = flat.numel()
         low, high = torch.aminmax(flat)
         shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
         scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
@@ -145,12 +142,10 @@ class RowStore:
         torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
         total = buf.sum()
         squares = torch.dot(buf, buf)
-        if zeros:
-            zero_count = torch.eq(flat, 0, out=buf).sum()
-        else:
-            zero_count = self._zeros(flat)
+        zero = self._zeros(flat) if not zeros or saturation is None else None
+        zero_count = torch.eq(flat, 0, out=buf).sum() if zeros else zero
         if saturation is None:
-            saturated = self._zeros(flat)
+            saturated = zero
         else:
             lo, hi = saturation
             torch.sub(flat, (lo + hi) / 2, out=buf).abs_()
@@ -169,12 +164,8 @@ class RowStore:
         """Rows of ``x``'s sums only, shifted by its first value and not scaled: for weights,
         which are finite and far from float32 overflow (NaN or Inf make the sums NaN or Inf).
         Min, max and counts are zero; about half the work of :meth:`reduce`."""
-        xf = x.detach()
-        if xf.dtype is not torch.float32 and xf.dtype is not torch.float64:
-            xf = xf.float()
-        flat, numbers = xf.reshape(-1), []
-        for i in range(0, flat.numel(), CHUNK):
-            part = flat[i:i + CHUNK]
+        numbers = []
+        for part in chunks(as_float(x)):
             zero, one = self._zeros(part), self._ones(part)
             shift = part[0]
             buf = scratch(part, part.numel())
@@ -247,6 +238,11 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     return torch.stack([numels, total, sumsq, raw[:, R_ZEROS], nonfinite, raw[:, R_SATURATED], low, high], dim=1)
 
 
+def sum_by_owner(rows: torch.Tensor, owner: torch.Tensor, n_owners: int, columns: list[int]) -> torch.Tensor:
+    """Sum ``columns`` of finalized ``rows`` per owner (``owner[i]`` owns row ``i``): ``[n_owners, len(columns)]``."""
+    return rows.new_zeros(n_owners, len(columns)).index_add_(0, owner, rows[:, columns])
+
+
 def unit_maxima(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """The largest value per unit along ``unit_dim`` (a unit is alive when it is > 0)."""
     xf = x.detach()
@@ -281,13 +277,12 @@ def histogram_counts(x: torch.Tensor, bounds: torch.Tensor, bins: int) -> torch.
     counted with ``bincount`` (no device to wait for), elsewhere with
     ``index_add_``, whose output size does not depend on the data.
     """
-    xf = as_float(x).reshape(-1)
+    xf = as_float(x)
     low, high = bounds[0].to(xf.dtype), bounds[1].to(xf.dtype)
     per_unit = torch.div(bins, high - low)
     on_cpu = xf.device.type == "cpu"
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
-    for start in range(0, xf.numel(), CHUNK):
-        part = xf[start:start + CHUNK]
+    for part in chunks(xf):
         position = torch.sub(part, low, out=scratch(part, part.numel())).mul_(per_unit)
         position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1)
         index = scratch(counts, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0

@@ -126,7 +126,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
     numels = torch.tensor(store.numels(), dtype=torch.float64).to(device)
     final = stats.finalize(store.collect(device), numels)
     owner = torch.tensor(owners, dtype=torch.long).to(device)
-    per_part = final.new_zeros(n_parts, 3).index_add_(0, owner, final[:, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]])
+    per_part = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ])
     n, total, sumsq = per_part.unbind(1)
     mean, mean_square = total / n, sumsq / n
     std = (mean_square - mean * mean).clamp_min(0.0).sqrt()
