@@ -427,16 +427,12 @@ class Recorder:
             # This output's rows, for a later record that receives it unchanged.
             self._seen[id(y)] = (weakref.ref(y), y._version, rows)
             if activation is not None and activation.family == "relu":
-                unit_max = stats.unit_maxima(y, state.unit_dim)
-                if state.unit_max is None:
-                    state.unit_max = unit_max
-                elif state.unit_max.shape == unit_max.shape:
-                    torch.fmax(state.unit_max, unit_max, out=state.unit_max)
+                state.unit_max = stats.merge_unit_maxima(state.unit_max, y, state.unit_dim)
             if self.bins:
                 if state.act_range is None:
                     state.act_range = self._range(name, 0, rows, y.device)
                     state.act_hist = torch.zeros(self.bins, dtype=torch.float64, device=y.device)
-                state.act_hist += stats.histogram_counts(y, state.act_range, self.bins)
+                stats.add_histogram(state.act_hist, y, state.act_range)
             if self.backward and y.requires_grad and torch.is_grad_enabled():
                 y.register_hook(self._grad_hook(state))
 
@@ -460,7 +456,7 @@ class Recorder:
                     if state.grad_range is None:
                         state.grad_range = self._range(state.name, 1, rows, grad.device)
                         state.grad_hist = torch.zeros(self.bins, dtype=torch.float64, device=grad.device)
-                    state.grad_hist += stats.histogram_counts(grad, state.grad_range, self.bins)
+                    stats.add_histogram(state.grad_hist, grad, state.grad_range)
         return hook
 
     # --- results ---------------------------------------------------------------

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from actstats import native
+
 # Columns of an activation partial, as merged per record (additive but for min/max).
 A_N, A_SUM, A_SUMSQ, A_MIN, A_MAX, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_N, A_IN_SUMSQ = range(10)
 ACT_WIDTH = 10
@@ -46,6 +48,7 @@ FINAL_WIDTH = 8
 #: a row whose min or max is not finite has its finite values scaled to zero, so its sum is
 #: ``MARK * count``, from which :func:`finalize` reads the count back.
 MARK = 2.0 ** 100
+_ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,8 @@ class RowStore:
 
     def __init__(self) -> None:
         self._blocks: list[torch.Tensor] = []  # [BLOCK, RAW_WIDTH] each, rows in order
-        self._rows: list[tuple[torch.Tensor, ...]] = []  # rows not stacked yet, after the blocks
+        self._rows: list[tuple[torch.Tensor, ...] | None] = []  # rows not in a block yet, after the blocks
+        self._native: torch.Tensor | None = None  # [BLOCK, RAW_WIDTH] float64 on the CPU, kernels' rows
         self._numels: list[int] = []
         self._constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
@@ -125,13 +129,33 @@ class RowStore:
                saturation: tuple[float, float] | None = None, eps: float = 0.0) -> list[int]:
         """Write the raw rows of ``x`` (one per chunk; none when it is empty); return their numbers.
 
+        A dense float32 CPU tensor is read once by the compiled kernel (one row,
+        sums in float64, see :mod:`actstats.native`); anything else goes through
+        the PyTorch operations described above.
+
         Args:
             x: any floating tensor, on any device (fp16/bf16 are reduced in float32).
             zeros: also count the values equal to zero.
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
         """
-        return [self._reduce(part, zeros, saturation, eps) for part in chunks(as_float(x))]
+        xf = as_float(x)
+        if native.dense_float32_cpu(xf):
+            return [self._reduce_native(xf, zeros, saturation, eps)] if xf.numel() else []
+        return [self._reduce(part, zeros, saturation, eps) for part in chunks(xf)]
+
+    def _reduce_native(self, x: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
+                       eps: float) -> int:
+        if self._native is None:
+            self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
+        position = len(self._rows)
+        mid, threshold = 0.0, 0.0
+        if saturation is not None:
+            lo, hi = saturation
+            mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
+        native.kernels.moments(x.data_ptr(), x.numel(), self._native.data_ptr() + position * _ROW_BYTES,
+                               zeros, saturation is not None, mid, threshold)
+        return self._append(None, x.numel())
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
         n = flat.numel()
@@ -152,20 +176,39 @@ class RowStore:
             saturated = torch.ge(buf, (hi - lo) / 2 - eps, out=buf).sum()
         return self._append((shift, scale, total, squares, low, high, zero_count, saturated), n)
 
-    def _append(self, row: tuple[torch.Tensor, ...], n: int) -> int:
+    def _append(self, row: tuple[torch.Tensor, ...] | None, n: int) -> int:
+        """Note a row (None: written by a kernel into the open native block); close full blocks."""
         self._rows.append(row)
         self._numels.append(n)
         if len(self._rows) == self.BLOCK:
-            self._blocks.append(_stack_rows(self._rows))
-            self._rows = []
+            self._blocks.append(self._open_block())
+            self._rows, self._native = [], None
         return len(self._numels) - 1
 
+    def _open_block(self) -> torch.Tensor:
+        """The rows not in a closed block yet, as one ``[rows, RAW_WIDTH]`` tensor."""
+        rows, block = self._rows, self._native
+        if block is None:
+            return _stack_rows(rows)
+        block = block[:len(rows)]
+        written = [i for i, row in enumerate(rows) if row is not None]  # by PyTorch operations
+        if not written:
+            return block
+        stacked = _stack_rows([rows[i] for i in written])
+        block = block.to(stacked.device)  # a model split across devices; a copy
+        index = torch.tensor(written, device=stacked.device)
+        return block.index_copy(0, index, stacked.to(torch.float64))
+
     def moments(self, x: torch.Tensor) -> list[int]:
-        """Rows of ``x``'s sums only, shifted by its first value and not scaled: for weights,
-        which are finite and far from float32 overflow (NaN or Inf make the sums NaN or Inf).
-        Min, max and counts are zero; about half the work of :meth:`reduce`."""
+        """Rows of ``x``'s sums: for weights. With PyTorch operations, shifted by the first
+        value and not scaled (weights are finite and far from float32 overflow; NaN or Inf
+        make the sums NaN or Inf), min, max and counts left zero: about half the work of
+        :meth:`reduce`. The compiled kernel gives the full row at no extra cost."""
+        xf = as_float(x)
+        if native.dense_float32_cpu(xf):
+            return [self._reduce_native(xf, False, None, 0.0)] if xf.numel() else []
         numbers = []
-        for part in chunks(as_float(x)):
+        for part in chunks(xf):
             zero, one = self._zeros(part), self._ones(part)
             shift = part[0]
             buf = scratch(part, part.numel())
@@ -191,15 +234,21 @@ class RowStore:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` for no rows)."""
         if not rows:
             return torch.tensor([math.nan, math.nan], dtype=torch.float64)
-        stacked = len(self._blocks) * self.BLOCK
-        both = torch.stack([
-            self._blocks[r // self.BLOCK][r % self.BLOCK, R_MIN:R_MAX + 1].double() if r < stacked
-            else torch.stack(self._rows[r - stacked][R_MIN:R_MAX + 1]).double() for r in rows])
+        both = torch.stack([self._extremes(r) for r in rows])
         return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
+
+    def _extremes(self, r: int) -> torch.Tensor:
+        closed = len(self._blocks) * self.BLOCK
+        if r < closed:
+            return self._blocks[r // self.BLOCK][r % self.BLOCK, R_MIN:R_MAX + 1].double()
+        row = self._rows[r - closed]
+        if row is None:
+            return self._native[r - closed, R_MIN:R_MAX + 1]  # type: ignore[index]
+        return torch.stack(row[R_MIN:R_MAX + 1]).double()
 
     def collect(self, device: torch.device) -> torch.Tensor:
         """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
-        blocks = self._blocks + ([_stack_rows(self._rows)] if self._rows else [])
+        blocks = self._blocks + ([self._open_block()] if self._rows else [])
         if not blocks:
             return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
         return torch.cat([b.to(device=device, dtype=torch.float64) for b in blocks])
@@ -243,15 +292,43 @@ def sum_by_owner(rows: torch.Tensor, owner: torch.Tensor, n_owners: int, columns
     return rows.new_zeros(n_owners, len(columns)).index_add_(0, owner, rows[:, columns])
 
 
-def unit_maxima(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """The largest value per unit along ``unit_dim`` (a unit is alive when it is > 0)."""
+def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``current`` merged with the largest value per unit of ``x`` along ``unit_dim``.
+
+    A unit is alive when its maximum is > 0. A call's maximum is NaN for a unit
+    that saw a NaN (as ``amax`` gives); calls merge with ``fmax`` (a NaN does not
+    erase an earlier maximum). ``current`` None starts a new vector; a vector of
+    another length (a layer called with another width) is left as it is.
+    Dense float32 CPU tensors are read once by the compiled kernel, in place of ``current``.
+    """
     xf = x.detach()
     if xf.dim() == 0:
-        return xf.reshape(1)
-    dims = [d for d in range(xf.dim()) if d != unit_dim % xf.dim()]
-    if not dims:
-        return xf.clone()
-    return xf.amax(dim=dims)
+        xf = xf.reshape(1)
+    dim = unit_dim % xf.dim()
+    units = xf.shape[dim]
+    if current is not None and current.shape != (units,):
+        return current
+    layout = _unit_layout(xf, dim)
+    if layout is not None and (current is None or native.row_major_float32_cpu(current)):
+        merge = current is not None
+        out = current if current is not None else torch.empty(units, dtype=torch.float32)
+        native.kernels.unit_max(xf.data_ptr(), *layout, out.data_ptr(), merge)
+        return out
+    dims = [d for d in range(xf.dim()) if d != dim]
+    maxima = xf.amax(dim=dims) if dims else xf.clone()
+    return maxima if current is None else torch.fmax(current, maxima, out=current)
+
+
+def _unit_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
+    """``(outer, units, inner)`` when the kernel can read ``x`` as ``[outer, units, inner]``."""
+    if x.numel() == 0 or not native.dense_float32_cpu(x):
+        return None
+    shape = x.shape
+    if x.is_contiguous():
+        return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    if dim == 1:  # channels-last [N, C, H, W] lies in memory as [N, H, W, C]
+        return x.numel() // shape[1], shape[1], 1
+    return None
 
 
 def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
@@ -268,29 +345,38 @@ def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(flat, low - 0.5, low), torch.where(flat, low + 0.5, high)])
 
 
-def histogram_counts(x: torch.Tensor, bounds: torch.Tensor, bins: int) -> torch.Tensor:
-    """Count the finite values of ``x`` into ``bins`` equal bins over ``bounds`` (float64 counts).
+def add_histogram(counts: torch.Tensor, x: torch.Tensor, bounds: torch.Tensor) -> None:
+    """Add the finite values of ``x`` to ``counts`` (float64, one per equal bin over ``bounds``).
 
     Values below/above the range count in the first/last bin; NaN and Inf are
-    not counted (they go to an extra bin that is dropped). Positions are computed
-    in chunks inside the scratch buffer. Nothing synchronises: on CPU the bins are
-    counted with ``bincount`` (no device to wait for), elsewhere with
-    ``index_add_``, whose output size does not depend on the data.
+    not counted. Positions are ``(x - low) * bins / (high - low)`` in float32
+    (the tensor's precision for float64), truncated. A dense float32 CPU tensor
+    is counted by the compiled kernel, in one pass; otherwise positions are
+    computed in chunks inside the scratch buffer, and nothing synchronises: on
+    CPU the bins are counted with ``bincount`` (no device to wait for), elsewhere
+    with ``index_add_``, whose output size does not depend on the data (NaN and
+    Inf go to an extra bin that is dropped).
     """
     xf = as_float(x)
+    bins = counts.numel()
+    if native.dense_float32_cpu(xf) and counts.dtype == torch.float64 and counts.is_contiguous() \
+            and bounds.dtype == torch.float64 and bounds.device.type == "cpu" and bounds.is_contiguous():
+        if xf.numel():
+            native.kernels.histogram(xf.data_ptr(), xf.numel(), bounds.data_ptr(), bins, counts.data_ptr())
+        return
     low, high = bounds[0].to(xf.dtype), bounds[1].to(xf.dtype)
     per_unit = torch.div(bins, high - low)
     on_cpu = xf.device.type == "cpu"
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
+    tally = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
     for part in chunks(xf):
         position = torch.sub(part, low, out=scratch(part, part.numel())).mul_(per_unit)
         position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1)
-        index = scratch(counts, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
+        index = scratch(tally, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
         if on_cpu:
-            counts += torch.bincount(index, minlength=bins + 1)
+            tally += torch.bincount(index, minlength=bins + 1)
         else:
-            counts.index_add_(0, index, counts.new_ones(()).expand(index.numel()))  # exact int64 counts
-    return counts[:bins].to(torch.float64)
+            tally.index_add_(0, index, tally.new_ones(()).expand(index.numel()))  # exact int64 counts
+    counts += tally[:bins]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstats import stats, theory
+from actstats import native, stats, theory
 from actstats.hooks import RecordSummary
 from actstats.report import WeightInfo
 
@@ -45,11 +45,14 @@ def unit_dim(module: nn.Module) -> int:
 def _units_equal(rows: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor: are all rows of ``rows`` (units x inputs) identical?
 
-    Each row minus the first, into the scratch buffer (chunks of whole rows),
+    A contiguous float32 CPU matrix is compared by the compiled kernel. Otherwise
+    each row minus the first, into the scratch buffer (chunks of whole rows),
     then ``aminmax``: identical exactly when every difference is zero. Fast
     full reductions only (a per-column ``aminmax(dim=0)`` is several times
     slower on CPU), and no mask as large as the weight.
     """
+    if native.row_major_float32_cpu(rows):  # the kernel stops at the first row that differs
+        return torch.tensor(native.kernels.rows_equal(rows.data_ptr(), rows.shape[0], rows.shape[1]))
     first = rows[:1]
     per_chunk = max(1, stats.CHUNK // max(1, rows.shape[1]))
     extremes = []

@@ -12,6 +12,9 @@ from actstats.hooks import Recorder
 from actstats.probe import collect
 from tests import models
 
+# every test here runs on both reduction paths (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("reduction_path")
+
 
 def test_exact_statistics_of_a_doubling_layer():
     layer = nn.Linear(4, 4, bias=False)

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from actstats import stats
+from actstats import native, stats
+
+# every test here runs on both reduction paths (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("reduction_path")
 
 
 def _finalized(chunks, **kw):
@@ -129,12 +132,13 @@ def test_rows_of_several_dtypes_come_back_in_the_order_they_were_written():
     assert store.extremes([0, 3]).tolist() == [1.0, 9.0]
 
 
-def test_a_large_tensor_is_reduced_in_chunks_with_exact_counts():
+def test_a_large_tensor_is_reduced_in_chunks_with_exact_counts(reduction_path):
     x = torch.zeros(3 * stats.CHUNK + 7)
     x[::3] = 2.0
     store = stats.RowStore()
     rows = store.reduce(x, zeros=True)
-    assert len(rows) == 4 and sum(store.numels()) == x.numel()
+    assert len(rows) == (1 if reduction_path == "kernels" else 4)  # the kernel needs no chunks
+    assert sum(store.numels()) == x.numel()
     act, *_ = _merge_act([x])
     ones = (x.numel() + 2) // 3
     assert act.zero_frac == (x.numel() - ones) / x.numel()
@@ -145,14 +149,35 @@ def test_unit_maxima_along_the_last_dim():
     x = -torch.ones(2, 3)
     x[:, 0] = 1.0
     x[1, 2] = 0.5  # one positive value in one sample keeps a unit alive
-    assert (stats.unit_maxima(x, -1) > 0).tolist() == [True, False, True]
+    assert (stats.merge_unit_maxima(None, x, -1) > 0).tolist() == [True, False, True]
 
 
 def test_unit_maxima_along_channels():
     x = -torch.ones(2, 3, 4, 4)
     x[:, 0] = 1.0
     x[0, 2, 3, 1] = 0.5
-    assert (stats.unit_maxima(x, 1) > 0).tolist() == [True, False, True]
+    assert (stats.merge_unit_maxima(None, x, 1) > 0).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_unit_maxima_match_amax_and_merge_with_fmax(layout):
+    gen = torch.Generator().manual_seed(6)
+    first, second = torch.randn(2, 5, 3, 3, generator=gen), torch.randn(2, 5, 3, 3, generator=gen)
+    first[1, 2, 0, 0] = float("nan")  # unit 2: NaN in the first call, numbers in the second
+    second[0, 4, 1, 1] = float("nan")  # unit 4: numbers first, NaN after
+    if layout == "channels_last":
+        first, second = (t.contiguous(memory_format=torch.channels_last) for t in (first, second))
+    elif layout == "transposed":
+        first, second = (t.transpose(2, 3) for t in (first, second))
+    merged = stats.merge_unit_maxima(stats.merge_unit_maxima(None, first, 1), second, 1)
+    expected = torch.fmax(first.amax(dim=(0, 2, 3)), second.amax(dim=(0, 2, 3)))
+    assert torch.equal(merged, expected)
+    assert math.isnan(stats.merge_unit_maxima(None, first, 1)[2])  # amax: a NaN shows
+
+
+def test_unit_maxima_of_another_width_leave_the_merged_vector_as_it_is():
+    current = stats.merge_unit_maxima(None, torch.tensor([[1.0, -1.0]]), -1)
+    assert stats.merge_unit_maxima(current, torch.ones(4, 3), -1).tolist() == [1.0, -1.0]
 
 
 def _numpy_histogram(values, low, high, bins):
@@ -169,11 +194,11 @@ def test_histogram_counts_match_numpy_with_end_bins_and_no_nonfinite(n):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(n, generator=gen) * 2.0
     x[:7] = torch.tensor([float("nan"), float("inf"), float("-inf"), 100.0, -100.0, 1.5, -1.5])
-    counts = stats.histogram_counts(x, torch.tensor([-1.5, 1.5], dtype=torch.float64), 16)
+    counts = torch.ones(16, dtype=torch.float64)  # counts are added to what is there
+    stats.add_histogram(counts, x, torch.tensor([-1.5, 1.5], dtype=torch.float64))
     expected = _numpy_histogram(x.numpy(), -1.5, 1.5, 16)
-    assert counts.dtype == torch.float64
-    assert counts.tolist() == expected.tolist()
-    assert counts.sum().item() == n - 3
+    assert counts.tolist() == (expected + 1).tolist()
+    assert counts.sum().item() == n - 3 + 16
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
@@ -191,3 +216,28 @@ def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
     assert rows[:, stats.F_ZEROS].tolist() == [2.0] + [0.0] * (n_rows - 1)
     last = n_rows - 1
     assert store.extremes([3, stats.RowStore.BLOCK + 1, last]).tolist() == [-float(last), float(last)]
+
+
+def test_the_kernels_read_dense_float32_cpu_tensors_only(reduction_path):
+    dense = torch.ones(2, 3, 4, 4)
+    takes = reduction_path == "kernels"
+    assert native.dense_float32_cpu(dense) is takes
+    assert native.dense_float32_cpu(dense.contiguous(memory_format=torch.channels_last)) is takes
+    assert not native.dense_float32_cpu(dense.transpose(1, 2))  # not dense in memory order
+    assert not native.dense_float32_cpu(dense[:, :, ::2])
+    assert not native.dense_float32_cpu(dense.double())
+    assert not native.dense_float32_cpu(dense.half())
+
+
+@pytest.mark.parametrize("shape, step", [((3000,), 1), ((64, 33), 2), ((7, 5, 6, 6), 1)])
+def test_sums_of_any_layout_match_float64(shape, step):
+    # plain, strided (a copy is reduced) and channels-last (read in memory order)
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(*shape, generator=gen) * 3 + 1)[..., ::step]
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    act, *_ = _merge_act([x])
+    union = x.double().reshape(-1)
+    assert act.numel == union.numel()
+    assert act.mean == pytest.approx(float(union.mean()), rel=1e-6)
+    assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)

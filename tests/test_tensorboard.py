@@ -24,6 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 import actstats
 from actstats.tensorboard import Histogram, TensorBoardSink, tag_name
 
+# every test here runs on both reduction paths (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("reduction_path")
+
 TAG_RE = re.compile(r"^[A-Za-z0-9_./-]+$")
 
 

@@ -15,6 +15,9 @@ from actstats import stats
 from actstats.errors import FlagRaisedError, InputError
 from actstats.tensorboard import tag_name
 
+# every test here runs on both reduction paths (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("reduction_path")
+
 
 def small_model(seed=0):
     torch.manual_seed(seed)

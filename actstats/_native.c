@@ -1,0 +1,326 @@
+/* One-pass statistics kernels for contiguous float32 CPU tensors.
+ *
+ * Optional: actstats builds this module when a C compiler is available and falls
+ * back to PyTorch operations when it is not (actstats/native.py decides). Each
+ * kernel reads its tensor once, where the PyTorch path needs about a dozen
+ * passes and a dozen small operations per tensor; the results match that path's
+ * conventions (see actstats/stats.py):
+ *
+ *   moments     -> the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
+ *                  min, max, zero count, saturated count. Sums in float64 over the
+ *                  finite values; a tensor holding NaN or Inf gets sum = MARK * count
+ *                  and min = max = NaN when it holds a NaN (as aminmax gives).
+ *   unit_max    -> per unit, the largest value (NaN when the unit saw a NaN, as amax
+ *                  gives), optionally fmax-merged into what is already there.
+ *   histogram   -> float32 positions (x - low) * bins / (high - low), truncated,
+ *                  clamped to the end bins, non-finite positions dropped; counts
+ *                  added to a float64 vector.
+ *   rows_equal  -> are all rows of a [rows, width] matrix equal to the first one?
+ *
+ * Arguments are addresses (Tensor.data_ptr()) and sizes; the caller checks dtype,
+ * device and layout. The interpreter lock is released while a kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* one build runs the AVX2 code where the CPU has it, the baseline elsewhere */
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define MARK 1267650600228229401496703205376.0 /* 2**100, as stats.MARK */
+#define EXPONENT 0x7f800000u
+
+static int is_nonfinite(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (bits & EXPONENT) == EXPONENT;
+}
+
+typedef struct {
+    double sum, sumsq;
+    int64_t zeros, saturated, nonfinite, nans;
+    float min, max;
+} Moments;
+
+/* Values per block: the block's sums run in float32 lanes (a few dozen values each, as
+ * exact as PyTorch's own float32 sums), its counts in int32 lanes; blocks add up in float64. */
+#define BLOCK 512
+/* A block whose values lie further than this from the shift could overflow a float32 square;
+ * one that lies closer than TINY (but not at 0) could underflow: both are summed in float64. */
+#define HUGE_SPAN 1152921504606846976.0f /* 2**60 */
+#define TINY_SPAN 9.094947017729282e-13f /* 2**-40 */
+
+typedef struct {
+    float sum, sumsq, low, high;
+    int32_t zeros, saturated, nonfinite, nans;
+} Block;
+
+VECTOR_CLONES
+static void block_f32(const float *x, int64_t n, float shift, float mid, float threshold, Block *b) {
+    float sum = 0.0f, sumsq = 0.0f, low = INFINITY, high = -INFINITY;
+    int32_t zeros = 0, saturated = 0, nonfinite = 0, nans = 0;
+#pragma omp simd reduction(+ : sum, sumsq, zeros, saturated, nonfinite, nans) reduction(min : low) reduction(max : high)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        int32_t bad = (bits & EXPONENT) == EXPONENT;
+        float d = bad ? 0.0f : v - shift;
+        sum += d;
+        sumsq += d * d;
+        nonfinite += bad;
+        nans += v != v;
+        zeros += v == 0.0f;
+        saturated += fabsf(v - mid) >= threshold;
+        low = v < low ? v : low; /* a NaN compares false: ignored here, reported by the caller */
+        high = v > high ? v : high;
+    }
+    *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite, nans};
+}
+
+/* The sums of a block in float64 (values far from the shift, or very close to it). */
+static void block_sums_f64(const float *x, int64_t n, float shift, double *sum, double *sumsq) {
+    double s = 0.0, q = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        if (is_nonfinite(x[i]))
+            continue;
+        double d = (double)x[i] - (double)shift;
+        s += d;
+        q += d * d;
+    }
+    *sum += s;
+    *sumsq += q;
+}
+
+static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, Moments *m) {
+    memset(m, 0, sizeof *m);
+    m->min = INFINITY;
+    m->max = -INFINITY;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t size = n - start < BLOCK ? n - start : BLOCK;
+        Block b;
+        block_f32(x + start, size, shift, mid, threshold, &b);
+        float span = fmaxf(b.high - shift, shift - b.low); /* NaN ignored, Inf gives Inf */
+        if (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN)) {
+            block_sums_f64(x + start, size, shift, &m->sum, &m->sumsq);
+        } else {
+            m->sum += b.sum;
+            m->sumsq += b.sumsq;
+        }
+        m->zeros += b.zeros;
+        m->saturated += b.saturated;
+        m->nonfinite += b.nonfinite;
+        m->nans += b.nans;
+        m->min = b.low < m->min ? b.low : m->min;
+        m->max = b.high > m->max ? b.high : m->max;
+    }
+}
+
+/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold): out_ptr -> 8 float64 */
+static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "moments takes 7 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    int64_t n = PyLong_AsLongLong(args[1]);
+    double *out = (double *)PyLong_AsVoidPtr(args[2]);
+    int want_zeros = PyObject_IsTrue(args[3]);
+    int want_saturation = PyObject_IsTrue(args[4]);
+    double mid = PyFloat_AsDouble(args[5]);
+    double threshold = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "moments needs at least one value");
+        return NULL;
+    }
+    Moments m;
+    float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
+    Py_BEGIN_ALLOW_THREADS
+    moments_f32(x, n, shift, (float)mid, (float)threshold, &m);
+    Py_END_ALLOW_THREADS
+    out[0] = shift;
+    out[1] = 1.0;
+    out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
+    out[3] = m.nonfinite ? 0.0 : m.sumsq;
+    out[4] = m.nans ? NAN : m.min;
+    out[5] = m.nans ? NAN : m.max;
+    out[6] = want_zeros ? (double)m.zeros : 0.0;
+    out[7] = want_saturation ? (double)m.saturated : 0.0;
+    Py_RETURN_NONE;
+}
+
+VECTOR_CLONES
+static void row_max_f32(const float *x, int64_t rows, int64_t units, float *high, char *nan) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * units;
+#pragma omp simd
+        for (int64_t u = 0; u < units; u++) {
+            float v = row[u];
+            high[u] = v > high[u] ? v : high[u];
+            nan[u] |= v != v;
+        }
+    }
+}
+
+VECTOR_CLONES
+static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
+    float h = -INFINITY;
+    int any_nan = 0;
+#pragma omp simd reduction(max : h) reduction(| : any_nan)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        h = v > h ? v : h;
+        any_nan |= v != v;
+    }
+    *high = h > *high ? h : *high;
+    *nan |= any_nan;
+}
+
+/* unit_max(x_ptr, outer, units, inner, out_ptr, merge): x is [outer, units, inner] */
+static PyObject *py_unit_max(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "unit_max takes 6 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    int64_t outer = PyLong_AsLongLong(args[1]);
+    int64_t units = PyLong_AsLongLong(args[2]);
+    int64_t inner = PyLong_AsLongLong(args[3]);
+    float *out = (float *)PyLong_AsVoidPtr(args[4]);
+    int merge = PyObject_IsTrue(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (units <= 0 || outer < 0 || inner < 0) {
+        PyErr_SetString(PyExc_ValueError, "unit_max needs a positive number of units");
+        return NULL;
+    }
+    float *high = malloc((size_t)units * sizeof *high);
+    char *nan = calloc((size_t)units, 1);
+    if (high == NULL || nan == NULL) {
+        free(high);
+        free(nan);
+        return PyErr_NoMemory();
+    }
+    for (int64_t u = 0; u < units; u++)
+        high[u] = -INFINITY;
+    Py_BEGIN_ALLOW_THREADS
+    if (inner == 1) {
+        row_max_f32(x, outer, units, high, nan);
+    } else {
+        for (int64_t o = 0; o < outer; o++)
+            for (int64_t u = 0; u < units; u++)
+                block_max_f32(x + (o * units + u) * inner, inner, high + u, nan + u);
+    }
+    for (int64_t u = 0; u < units; u++) {
+        float value = nan[u] ? NAN : high[u];
+        out[u] = merge ? fmaxf(out[u], value) : value;
+    }
+    Py_END_ALLOW_THREADS
+    free(high);
+    free(nan);
+    Py_RETURN_NONE;
+}
+
+VECTOR_CLONES
+static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, int32_t bins, int32_t *index) {
+    float last = (float)(bins - 1);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float position = (x[i] - low) * per_unit;
+        uint32_t bits;
+        memcpy(&bits, &position, sizeof bits);
+        int32_t bad = (bits & EXPONENT) == EXPONENT;
+        position = position < 0.0f ? 0.0f : position > last ? last : position;
+        index[i] = bad ? bins : (int32_t)position;
+    }
+}
+
+/* histogram(x_ptr, n, bounds_ptr, bins, counts_ptr): bounds -> 2 float64, counts -> bins float64 */
+static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "histogram takes 5 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    int64_t n = PyLong_AsLongLong(args[1]);
+    const double *bounds = (const double *)PyLong_AsVoidPtr(args[2]);
+    int64_t bins = PyLong_AsLongLong(args[3]);
+    double *counts = (double *)PyLong_AsVoidPtr(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (bins <= 0) {
+        PyErr_SetString(PyExc_ValueError, "histogram needs at least one bin");
+        return NULL;
+    }
+    /* bins + 1 slots (the last one takes what is dropped), four interleaved tallies so that
+     * equal neighbours do not wait on one another */
+    int64_t slots = bins + 1;
+    int64_t *tally = calloc((size_t)(4 * slots), sizeof *tally);
+    if (tally == NULL)
+        return PyErr_NoMemory();
+    float low = (float)bounds[0], high = (float)bounds[1];
+    float per_unit = (float)bins / (high - low);
+    Py_BEGIN_ALLOW_THREADS
+    int32_t index[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t size = n - start < BLOCK ? n - start : BLOCK;
+        bin_index_f32(x + start, size, low, per_unit, (int32_t)bins, index);
+        for (int64_t i = 0; i < size; i++)
+            tally[(i & 3) * slots + index[i]]++;
+    }
+    for (int64_t b = 0; b < bins; b++)
+        counts[b] += (double)(tally[b] + tally[slots + b] + tally[2 * slots + b] + tally[3 * slots + b]);
+    Py_END_ALLOW_THREADS
+    free(tally);
+    Py_RETURN_NONE;
+}
+
+VECTOR_CLONES
+static int row_differs_f32(const float *row, const float *first, int64_t width) {
+    int differs = 0;
+#pragma omp simd reduction(| : differs)
+    for (int64_t j = 0; j < width; j++)
+        differs |= (row[j] - first[j]) != 0.0f; /* NaN differs; -0.0 equals 0.0 */
+    return differs;
+}
+
+/* rows_equal(x_ptr, rows, width) -> bool: every row of [rows, width] equals the first */
+static PyObject *py_rows_equal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rows_equal takes 3 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    int64_t rows = PyLong_AsLongLong(args[1]);
+    int64_t width = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    int equal = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t r = 0; r < rows && equal; r++) /* row 0 too: a NaN in it makes it differ from itself */
+        equal = !row_differs_f32(x + r * width, x, width);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(equal);
+}
+
+static PyMethodDef methods[] = {
+    {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
+    {"unit_max", (PyCFunction)(void (*)(void))py_unit_max, METH_FASTCALL, "Per-unit maxima of a float32 tensor."},
+    {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
+    {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "One-pass statistics kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

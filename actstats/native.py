@@ -1,0 +1,49 @@
+"""The optional one-pass kernels (``actstats/_native.c``) and when they apply.
+
+A float32 tensor on the CPU whose values sit densely in memory is reduced by a
+compiled kernel that reads it once; anything else (CUDA, float64, fp16/bf16,
+sparse or overlapping layouts, tensor subclasses) goes through the PyTorch
+operations in :mod:`actstats.stats`, which give the same figures. The kernels
+are built by ``pip install`` when a C compiler is at hand; without one, or with
+the environment variable ``ACTSTATS_NATIVE=0``, every tensor takes the PyTorch
+path. :data:`enabled` can also be switched at run time (the tests run both paths).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+try:
+    from actstats import _native as kernels
+except ImportError:  # built without a C compiler
+    kernels: Any = None
+
+#: Use the compiled kernels where they apply.
+enabled: bool = kernels is not None and os.environ.get("ACTSTATS_NATIVE", "1") != "0"
+
+
+def dense_float32_cpu(x: torch.Tensor) -> bool:
+    """True when a kernel may read ``x`` as ``x.numel()`` float32 values from ``x.data_ptr()``.
+
+    That is a plain float32 CPU tensor, contiguous in the default or the
+    channels-last memory format (the statistics do not depend on the order of
+    the values), without a lazy negation or conjugation bit.
+    """
+    return (
+        enabled
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(x) is torch.Tensor
+        and x.layout == torch.strided
+        and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
+        and not x.is_neg()
+    )
+
+
+def row_major_float32_cpu(x: torch.Tensor) -> bool:
+    """True when a kernel may read ``x`` in its logical (row-major) order."""
+    return enabled and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor \
+        and x.layout == torch.strided and x.is_contiguous() and not x.is_neg()
