@@ -8,6 +8,7 @@ import sys
 
 from setuptools import Extension, setup
 
-flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-pthread"]
 
-setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags, optional=True)])
+setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags,
+                             extra_link_args=[] if sys.platform == "win32" else ["-pthread"], optional=True)])

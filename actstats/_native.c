@@ -6,7 +6,7 @@
  * passes and a dozen small operations per tensor; the results match that path's
  * conventions (see actstats/stats.py):
  *
- *   moments     -> the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
+ *   moments     -> (split across threads for large tensors) the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
  *                  min, max, zero count, saturated count. Sums in float64 over the
  *                  finite values; a tensor holding NaN or Inf gets sum = MARK * count
  *                  and min = max = NaN when it holds a NaN (as aminmax gives).
@@ -24,6 +24,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,7 @@ static int is_nonfinite(float v) {
 
 typedef struct {
     double sum, sumsq;
-    int64_t zeros, saturated, nonfinite, nans;
+    int64_t zeros, saturated, nonfinite;
     float min, max;
 } Moments;
 
@@ -60,31 +61,53 @@ typedef struct {
 
 typedef struct {
     float sum, sumsq, low, high;
-    int32_t zeros, saturated, nonfinite, nans;
+    int32_t zeros, saturated, nonfinite;
 } Block;
 
-VECTOR_CLONES
-static void block_f32(const float *x, int64_t n, float shift, float mid, float threshold, Block *b) {
+/* What a block counts besides sums, extremes and non-finite values (each costs time per value). */
+enum { COUNT_ZEROS = 1, COUNT_SATURATED = 2 };
+
+/* One block. A NaN or Inf spoils the block's sums, which the caller then does not use (the row
+ * keeps the non-finite count alone); a NaN compares false, so min and max ignore it. */
+static inline __attribute__((always_inline)) void block_body(const float *x, int64_t n, float shift, float mid,
+                                                             float threshold, Block *b, const int what) {
     float sum = 0.0f, sumsq = 0.0f, low = INFINITY, high = -INFINITY;
-    int32_t zeros = 0, saturated = 0, nonfinite = 0, nans = 0;
-#pragma omp simd reduction(+ : sum, sumsq, zeros, saturated, nonfinite, nans) reduction(min : low) reduction(max : high)
+    int32_t zeros = 0, saturated = 0, nonfinite = 0;
+#pragma omp simd reduction(+ : sum, sumsq, zeros, saturated, nonfinite) reduction(min : low) reduction(max : high)
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
         uint32_t bits;
         memcpy(&bits, &v, sizeof bits);
-        int32_t bad = (bits & EXPONENT) == EXPONENT;
-        float d = bad ? 0.0f : v - shift;
+        float d = v - shift;
         sum += d;
         sumsq += d * d;
-        nonfinite += bad;
-        nans += v != v;
-        zeros += v == 0.0f;
-        saturated += fabsf(v - mid) >= threshold;
-        low = v < low ? v : low; /* a NaN compares false: ignored here, reported by the caller */
+        nonfinite += (bits & EXPONENT) == EXPONENT;
+        if (what & COUNT_ZEROS)
+            zeros += v == 0.0f;
+        if (what & COUNT_SATURATED)
+            saturated += fabsf(v - mid) >= threshold;
+        low = v < low ? v : low;
         high = v > high ? v : high;
     }
-    *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite, nans};
+    *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite};
 }
+
+VECTOR_CLONES
+static void block_plain(const float *x, int64_t n, float shift, float mid, float threshold, Block *b) {
+    block_body(x, n, shift, mid, threshold, b, 0);
+}
+
+VECTOR_CLONES
+static void block_zeros(const float *x, int64_t n, float shift, float mid, float threshold, Block *b) {
+    block_body(x, n, shift, mid, threshold, b, COUNT_ZEROS);
+}
+
+VECTOR_CLONES
+static void block_all(const float *x, int64_t n, float shift, float mid, float threshold, Block *b) {
+    block_body(x, n, shift, mid, threshold, b, COUNT_ZEROS | COUNT_SATURATED);
+}
+
+typedef void (*BlockFn)(const float *, int64_t, float, float, float, Block *);
 
 /* The sums of a block in float64 (values far from the shift, or very close to it). */
 static void block_sums_f64(const float *x, int64_t n, float shift, double *sum, double *sumsq) {
@@ -100,16 +123,17 @@ static void block_sums_f64(const float *x, int64_t n, float shift, double *sum, 
     *sumsq += q;
 }
 
-static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, Moments *m) {
+static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
+                        Moments *m) {
     memset(m, 0, sizeof *m);
     m->min = INFINITY;
     m->max = -INFINITY;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t size = n - start < BLOCK ? n - start : BLOCK;
         Block b;
-        block_f32(x + start, size, shift, mid, threshold, &b);
-        float span = fmaxf(b.high - shift, shift - b.low); /* NaN ignored, Inf gives Inf */
-        if (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN)) {
+        block(x + start, size, shift, mid, threshold, &b);
+        float span = fmaxf(b.high - shift, shift - b.low);
+        if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN))) {
             block_sums_f64(x + start, size, shift, &m->sum, &m->sumsq);
         } else {
             m->sum += b.sum;
@@ -118,16 +142,65 @@ static void moments_f32(const float *x, int64_t n, float shift, float mid, float
         m->zeros += b.zeros;
         m->saturated += b.saturated;
         m->nonfinite += b.nonfinite;
-        m->nans += b.nans;
         m->min = b.low < m->min ? b.low : m->min;
         m->max = b.high > m->max ? b.high : m->max;
     }
 }
 
-/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold): out_ptr -> 8 float64 */
+/* Tensors of at least this many values are split across threads (a thread costs about
+ * as much to start as reading 2**15 values). */
+#define PARALLEL_MIN (1 << 18)
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *x;
+    int64_t n;
+    float shift, mid, threshold;
+    BlockFn block;
+    Moments m;
+} MomentsJob;
+
+static void *moments_job(void *arg) {
+    MomentsJob *job = arg;
+    moments_f32(job->x, job->n, job->shift, job->mid, job->threshold, job->block, &job->m);
+    return NULL;
+}
+
+/* moments_f32 over `threads` slices of whole blocks, merged (slices add up like blocks). */
+static void moments_parallel(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
+                             int threads, Moments *m) {
+    MomentsJob jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int64_t per = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
+    int count = 0;
+    for (int64_t start = 0; start < n && count < threads; start += per, count++)
+        jobs[count] = (MomentsJob){x + start, n - start < per ? n - start : per, shift, mid, threshold, block, {0}};
+    for (int t = 1; t < count; t++)
+        started[t] = pthread_create(&ids[t], NULL, moments_job, &jobs[t]) == 0;
+    for (int t = 0; t < count; t++)
+        if (t == 0 || !started[t])
+            moments_job(&jobs[t]); /* this thread's slice, and any a thread could not start for */
+    for (int t = 1; t < count; t++)
+        if (started[t])
+            pthread_join(ids[t], NULL);
+    *m = jobs[0].m;
+    for (int t = 1; t < count; t++) {
+        Moments *o = &jobs[t].m;
+        m->sum += o->sum;
+        m->sumsq += o->sumsq;
+        m->zeros += o->zeros;
+        m->saturated += o->saturated;
+        m->nonfinite += o->nonfinite;
+        m->min = o->min < m->min ? o->min : m->min;
+        m->max = o->max > m->max ? o->max : m->max;
+    }
+}
+
+/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold, threads): out_ptr -> 8 float64 */
 static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "moments takes 7 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "moments takes 8 arguments");
         return NULL;
     }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
@@ -137,23 +210,35 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     int want_saturation = PyObject_IsTrue(args[4]);
     double mid = PyFloat_AsDouble(args[5]);
     double threshold = PyFloat_AsDouble(args[6]);
+    long threads = PyLong_AsLong(args[7]);
     if (PyErr_Occurred())
         return NULL;
     if (n <= 0) {
         PyErr_SetString(PyExc_ValueError, "moments needs at least one value");
         return NULL;
     }
+    if (n < PARALLEL_MIN || threads < 2)
+        threads = 1;
+    else if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
     Moments m;
     float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
+    BlockFn block = want_saturation ? block_all : want_zeros ? block_zeros : block_plain;
+    int nan = 0;
     Py_BEGIN_ALLOW_THREADS
-    moments_f32(x, n, shift, (float)mid, (float)threshold, &m);
+    if (threads > 1)
+        moments_parallel(x, n, shift, (float)mid, (float)threshold, block, (int)threads, &m);
+    else
+        moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
+    for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
+        nan = x[i] != x[i];
     Py_END_ALLOW_THREADS
     out[0] = shift;
     out[1] = 1.0;
     out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
     out[3] = m.nonfinite ? 0.0 : m.sumsq;
-    out[4] = m.nans ? NAN : m.min;
-    out[5] = m.nans ? NAN : m.max;
+    out[4] = nan ? NAN : m.min; /* as aminmax: NaN when there is one */
+    out[5] = nan ? NAN : m.max;
     out[6] = want_zeros ? (double)m.zeros : 0.0;
     out[7] = want_saturation ? (double)m.saturated : 0.0;
     Py_RETURN_NONE;

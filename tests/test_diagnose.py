@@ -155,6 +155,7 @@ def test_large_weights_saturate_sigmoids():
     assert all(f.value > 0.5 for f in report.flags if f.kind == "saturated")
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 @pytest.mark.parametrize("value", [0.0042, 0.0], ids=["constant-0.0042", "zeros"])
 def test_constant_weights_are_symmetric(value):
     model = mlp([8, 16, 16, 4], nn.ReLU, lambda w: nn.init.constant_(w, value), bias=value)
@@ -164,6 +165,7 @@ def test_constant_weights_are_symmetric(value):
         "all 16 units have identical weights" in f.message for f in report.flags)
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_random_weights_are_not_symmetric_even_with_equal_rows_but_different_bias():
     linear = nn.Linear(4, 3)
     with torch.no_grad():
@@ -185,6 +187,7 @@ class NaNInTheMiddle(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_nan_is_located_at_the_layer_that_produced_it():
     report = probe(NaNInTheMiddle(), torch.randn(4, 4))
     # relu() zeroes the gradient where its input is NaN (NaN > 0 is false): backward stays finite.
@@ -208,6 +211,7 @@ class SqrtOfZero(nn.Module):
         return self.fc2(torch.sqrt(self.relu(self.fc1(x))))
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_an_infinite_gradient_is_located_in_the_backward_pass():
     report = probe(SqrtOfZero(), torch.randn(4, 4))
     assert [(f.kind, f.layer) for f in report.flags if f.kind == "nonfinite"] == [("nonfinite", "relu")]
@@ -218,6 +222,7 @@ def test_an_infinite_gradient_is_located_in_the_backward_pass():
     assert all(l.act.nonfinite == 0 for l in report.layers)
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_inf_input_is_reported_as_the_input():
     x = torch.randn(4, 4)
     x[0, 0] = float("inf")
@@ -225,6 +230,7 @@ def test_inf_input_is_reported_as_the_input():
     assert [(f.kind, f.layer) for f in report.flags if f.kind == "nonfinite"][0] == ("nonfinite", "input")
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_halving_layers_give_the_exact_gain_and_the_exact_flagged_layers():
     layers = []
     for _ in range(6):
@@ -314,6 +320,7 @@ def test_following_nonlinearity_is_found_through_norm_dropout_and_functional_cal
     assert report.layer("out").weight.reference == "xavier"
 
 
+@pytest.mark.usefixtures("reduction_path")  # both reduction paths (tests/conftest.py)
 def test_symmetry_check_spans_chunks_and_sees_one_differing_weight():
     from actstats.weights import weight_figures
 
