@@ -8,7 +8,6 @@ import sys
 
 from setuptools import Extension, setup
 
-flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-pthread"]
+flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
-setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags,
-                             extra_link_args=[] if sys.platform == "win32" else ["-pthread"], optional=True)])
+setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags, optional=True)])

@@ -6,7 +6,7 @@
  * passes and a dozen small operations per tensor; the results match that path's
  * conventions (see actstats/stats.py):
  *
- *   moments     -> (split across threads for large tensors) the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
+ *   moments     -> the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
  *                  min, max, zero count, saturated count. Sums in float64 over the
  *                  finite values; a tensor holding NaN or Inf gets sum = MARK * count
  *                  and min = max = NaN when it holds a NaN (as aminmax gives).
@@ -18,13 +18,14 @@
  *   rows_equal  -> are all rows of a [rows, width] matrix equal to the first one?
  *
  * Arguments are addresses (Tensor.data_ptr()) and sizes; the caller checks dtype,
- * device and layout. The interpreter lock is released while a kernel runs.
+ * device and layout. The interpreter lock is released while a kernel runs. Kernels run on the
+ * calling thread: a thread of our own would compete with PyTorch's intra-op threads, which
+ * keep spinning for a while after each parallel operation (measured slower on 2 CPUs).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,60 +148,10 @@ static void moments_f32(const float *x, int64_t n, float shift, float mid, float
     }
 }
 
-/* Tensors of at least this many values are split across threads (a thread costs about
- * as much to start as reading 2**15 values). */
-#define PARALLEL_MIN (1 << 18)
-#define MAX_THREADS 64
-
-typedef struct {
-    const float *x;
-    int64_t n;
-    float shift, mid, threshold;
-    BlockFn block;
-    Moments m;
-} MomentsJob;
-
-static void *moments_job(void *arg) {
-    MomentsJob *job = arg;
-    moments_f32(job->x, job->n, job->shift, job->mid, job->threshold, job->block, &job->m);
-    return NULL;
-}
-
-/* moments_f32 over `threads` slices of whole blocks, merged (slices add up like blocks). */
-static void moments_parallel(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
-                             int threads, Moments *m) {
-    MomentsJob jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    int64_t per = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
-    int count = 0;
-    for (int64_t start = 0; start < n && count < threads; start += per, count++)
-        jobs[count] = (MomentsJob){x + start, n - start < per ? n - start : per, shift, mid, threshold, block, {0}};
-    for (int t = 1; t < count; t++)
-        started[t] = pthread_create(&ids[t], NULL, moments_job, &jobs[t]) == 0;
-    for (int t = 0; t < count; t++)
-        if (t == 0 || !started[t])
-            moments_job(&jobs[t]); /* this thread's slice, and any a thread could not start for */
-    for (int t = 1; t < count; t++)
-        if (started[t])
-            pthread_join(ids[t], NULL);
-    *m = jobs[0].m;
-    for (int t = 1; t < count; t++) {
-        Moments *o = &jobs[t].m;
-        m->sum += o->sum;
-        m->sumsq += o->sumsq;
-        m->zeros += o->zeros;
-        m->saturated += o->saturated;
-        m->nonfinite += o->nonfinite;
-        m->min = o->min < m->min ? o->min : m->min;
-        m->max = o->max > m->max ? o->max : m->max;
-    }
-}
-
-/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold, threads): out_ptr -> 8 float64 */
+/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold): out_ptr -> 8 float64 */
 static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "moments takes 8 arguments");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "moments takes 7 arguments");
         return NULL;
     }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
@@ -210,26 +161,18 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     int want_saturation = PyObject_IsTrue(args[4]);
     double mid = PyFloat_AsDouble(args[5]);
     double threshold = PyFloat_AsDouble(args[6]);
-    long threads = PyLong_AsLong(args[7]);
     if (PyErr_Occurred())
         return NULL;
     if (n <= 0) {
         PyErr_SetString(PyExc_ValueError, "moments needs at least one value");
         return NULL;
     }
-    if (n < PARALLEL_MIN || threads < 2)
-        threads = 1;
-    else if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
     Moments m;
     float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
     BlockFn block = want_saturation ? block_all : want_zeros ? block_zeros : block_plain;
     int nan = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (threads > 1)
-        moments_parallel(x, n, shift, (float)mid, (float)threshold, block, (int)threads, &m);
-    else
-        moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
+    moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
     for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
         nan = x[i] != x[i];
     Py_END_ALLOW_THREADS

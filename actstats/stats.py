@@ -154,7 +154,7 @@ class RowStore:
             lo, hi = saturation
             mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
         native.kernels.moments(x.data_ptr(), x.numel(), self._native.data_ptr() + position * _ROW_BYTES,
-                               zeros, saturation is not None, mid, threshold, torch.get_num_threads())
+                               zeros, saturation is not None, mid, threshold)
         return self._append(None, x.numel())
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
