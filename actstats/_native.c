@@ -10,8 +10,8 @@
  *                  min, max, zero count, saturated count. Sums in float64 over the
  *                  finite values; a tensor holding NaN or Inf gets sum = MARK * count
  *                  and min = max = NaN when it holds a NaN (as aminmax gives).
- *   unit_max    -> per unit, the largest value (NaN when the unit saw a NaN, as amax
- *                  gives), optionally fmax-merged into what is already there.
+ *                  Optionally also, per unit, the largest value (NaN when the unit saw a
+ *                  NaN, as amax gives), fmax-merged into what is already there.
  *   histogram   -> float32 positions (x - low) * bins / (high - low), truncated,
  *                  clamped to the end bins, non-finite positions dropped; counts
  *                  added to a float64 vector.
@@ -124,79 +124,45 @@ static void block_sums_f64(const float *x, int64_t n, float shift, double *sum, 
     *sumsq += q;
 }
 
-static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
-                        Moments *m) {
+static void moments_start(Moments *m) {
     memset(m, 0, sizeof *m);
     m->min = INFINITY;
     m->max = -INFINITY;
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t size = n - start < BLOCK ? n - start : BLOCK;
-        Block b;
-        block(x + start, size, shift, mid, threshold, &b);
-        float span = fmaxf(b.high - shift, shift - b.low);
-        if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN))) {
-            block_sums_f64(x + start, size, shift, &m->sum, &m->sumsq);
-        } else {
-            m->sum += b.sum;
-            m->sumsq += b.sumsq;
-        }
-        m->zeros += b.zeros;
-        m->saturated += b.saturated;
-        m->nonfinite += b.nonfinite;
-        m->min = b.low < m->min ? b.low : m->min;
-        m->max = b.high > m->max ? b.high : m->max;
-    }
 }
 
-/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold): out_ptr -> 8 float64 */
-static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "moments takes 7 arguments");
-        return NULL;
+/* Add one block of at most BLOCK values to m. */
+static void moments_add(const float *x, int64_t size, float shift, float mid, float threshold, BlockFn block,
+                        Moments *m) {
+    Block b;
+    block(x, size, shift, mid, threshold, &b);
+    float span = fmaxf(b.high - shift, shift - b.low);
+    if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN))) {
+        block_sums_f64(x, size, shift, &m->sum, &m->sumsq);
+    } else {
+        m->sum += b.sum;
+        m->sumsq += b.sumsq;
     }
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t n = PyLong_AsLongLong(args[1]);
-    double *out = (double *)PyLong_AsVoidPtr(args[2]);
-    int want_zeros = PyObject_IsTrue(args[3]);
-    int want_saturation = PyObject_IsTrue(args[4]);
-    double mid = PyFloat_AsDouble(args[5]);
-    double threshold = PyFloat_AsDouble(args[6]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (n <= 0) {
-        PyErr_SetString(PyExc_ValueError, "moments needs at least one value");
-        return NULL;
-    }
-    Moments m;
-    float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
-    BlockFn block = want_saturation ? block_all : want_zeros ? block_zeros : block_plain;
-    int nan = 0;
-    Py_BEGIN_ALLOW_THREADS
-    moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
-    for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
-        nan = x[i] != x[i];
-    Py_END_ALLOW_THREADS
-    out[0] = shift;
-    out[1] = 1.0;
-    out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
-    out[3] = m.nonfinite ? 0.0 : m.sumsq;
-    out[4] = nan ? NAN : m.min; /* as aminmax: NaN when there is one */
-    out[5] = nan ? NAN : m.max;
-    out[6] = want_zeros ? (double)m.zeros : 0.0;
-    out[7] = want_saturation ? (double)m.saturated : 0.0;
-    Py_RETURN_NONE;
+    m->zeros += b.zeros;
+    m->saturated += b.saturated;
+    m->nonfinite += b.nonfinite;
+    m->min = b.low < m->min ? b.low : m->min;
+    m->max = b.high > m->max ? b.high : m->max;
+}
+
+static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
+                        Moments *m) {
+    moments_start(m);
+    for (int64_t start = 0; start < n; start += BLOCK)
+        moments_add(x + start, n - start < BLOCK ? n - start : BLOCK, shift, mid, threshold, block, m);
 }
 
 VECTOR_CLONES
-static void row_max_f32(const float *x, int64_t rows, int64_t units, float *high, char *nan) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * units;
+static void row_max_f32(const float *x, int64_t units, float *high, char *nan) {
 #pragma omp simd
-        for (int64_t u = 0; u < units; u++) {
-            float v = row[u];
-            high[u] = v > high[u] ? v : high[u];
-            nan[u] |= v != v;
-        }
+    for (int64_t u = 0; u < units; u++) {
+        float v = x[u];
+        high[u] = v > high[u] ? v : high[u];
+        nan[u] |= v != v;
     }
 }
 
@@ -214,48 +180,102 @@ static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
     *nan |= any_nan;
 }
 
-/* unit_max(x_ptr, outer, units, inner, out_ptr, merge): x is [outer, units, inner] */
-static PyObject *py_unit_max(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "unit_max takes 6 arguments");
+/* moments_f32 of x seen as [outer, units, inner], and each unit's largest value: every block
+ * of values is swept a second time while it is in the L1 cache. */
+static void moments_units_f32(const float *x, int64_t outer, int64_t units, int64_t inner, float shift, float mid,
+                              float threshold, BlockFn block, Moments *m, float *high, char *nan) {
+    moments_start(m);
+    for (int64_t o = 0; o < outer; o++) {
+        const float *slab = x + o * units * inner;
+        if (inner == 1) {
+            for (int64_t u = 0; u < units; u += BLOCK) {
+                int64_t size = units - u < BLOCK ? units - u : BLOCK;
+                moments_add(slab + u, size, shift, mid, threshold, block, m);
+                row_max_f32(slab + u, size, high + u, nan + u);
+            }
+        } else {
+            for (int64_t u = 0; u < units; u++) {
+                for (int64_t i = 0; i < inner; i += BLOCK) {
+                    int64_t size = inner - i < BLOCK ? inner - i : BLOCK;
+                    moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m);
+                    block_max_f32(slab + u * inner + i, size, high + u, nan + u);
+                }
+            }
+        }
+    }
+}
+
+/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
+ * out_ptr -> 8 float64; with the unit arguments, x is [outer, units, inner] and units_ptr -> `units`
+ * float32 maxima (NaN for a unit that saw a NaN, as amax gives), written or fmax-merged. */
+static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 && nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "moments takes 7 or 12 arguments");
         return NULL;
     }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t outer = PyLong_AsLongLong(args[1]);
-    int64_t units = PyLong_AsLongLong(args[2]);
-    int64_t inner = PyLong_AsLongLong(args[3]);
-    float *out = (float *)PyLong_AsVoidPtr(args[4]);
-    int merge = PyObject_IsTrue(args[5]);
+    int64_t n = PyLong_AsLongLong(args[1]);
+    double *out = (double *)PyLong_AsVoidPtr(args[2]);
+    int want_zeros = PyObject_IsTrue(args[3]);
+    int want_saturation = PyObject_IsTrue(args[4]);
+    double mid = PyFloat_AsDouble(args[5]);
+    double threshold = PyFloat_AsDouble(args[6]);
+    float *unit_out = NULL;
+    int64_t outer = 0, units = 0, inner = 0;
+    int merge = 0;
+    if (nargs == 12) {
+        unit_out = (float *)PyLong_AsVoidPtr(args[7]);
+        outer = PyLong_AsLongLong(args[8]);
+        units = PyLong_AsLongLong(args[9]);
+        inner = PyLong_AsLongLong(args[10]);
+        merge = PyObject_IsTrue(args[11]);
+    }
     if (PyErr_Occurred())
         return NULL;
-    if (units <= 0 || outer < 0 || inner < 0) {
-        PyErr_SetString(PyExc_ValueError, "unit_max needs a positive number of units");
+    if (n <= 0 || (unit_out != NULL && (units <= 0 || outer <= 0 || inner <= 0 || outer * units * inner != n))) {
+        PyErr_SetString(PyExc_ValueError, "moments needs values, and a [outer, units, inner] layout of them");
         return NULL;
     }
-    float *high = malloc((size_t)units * sizeof *high);
-    char *nan = calloc((size_t)units, 1);
-    if (high == NULL || nan == NULL) {
-        free(high);
-        free(nan);
-        return PyErr_NoMemory();
+    float *high = NULL;
+    char *nan_units = NULL;
+    if (unit_out != NULL) {
+        high = malloc((size_t)units * sizeof *high);
+        nan_units = calloc((size_t)units, 1);
+        if (high == NULL || nan_units == NULL) {
+            free(high);
+            free(nan_units);
+            return PyErr_NoMemory();
+        }
+        for (int64_t u = 0; u < units; u++)
+            high[u] = -INFINITY;
     }
-    for (int64_t u = 0; u < units; u++)
-        high[u] = -INFINITY;
+    Moments m;
+    float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
+    BlockFn block = want_saturation ? block_all : want_zeros ? block_zeros : block_plain;
+    int nan = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (inner == 1) {
-        row_max_f32(x, outer, units, high, nan);
+    if (unit_out != NULL) {
+        moments_units_f32(x, outer, units, inner, shift, (float)mid, (float)threshold, block, &m, high, nan_units);
+        for (int64_t u = 0; u < units; u++) {
+            float value = nan_units[u] ? NAN : high[u];
+            unit_out[u] = merge ? fmaxf(unit_out[u], value) : value;
+        }
     } else {
-        for (int64_t o = 0; o < outer; o++)
-            for (int64_t u = 0; u < units; u++)
-                block_max_f32(x + (o * units + u) * inner, inner, high + u, nan + u);
+        moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
     }
-    for (int64_t u = 0; u < units; u++) {
-        float value = nan[u] ? NAN : high[u];
-        out[u] = merge ? fmaxf(out[u], value) : value;
-    }
+    for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
+        nan = x[i] != x[i];
     Py_END_ALLOW_THREADS
     free(high);
-    free(nan);
+    free(nan_units);
+    out[0] = shift;
+    out[1] = 1.0;
+    out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
+    out[3] = m.nonfinite ? 0.0 : m.sumsq;
+    out[4] = nan ? NAN : m.min; /* as aminmax: NaN when there is one */
+    out[5] = nan ? NAN : m.max;
+    out[6] = want_zeros ? (double)m.zeros : 0.0;
+    out[7] = want_saturation ? (double)m.saturated : 0.0;
     Py_RETURN_NONE;
 }
 
@@ -343,7 +363,6 @@ static PyObject *py_rows_equal(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
-    {"unit_max", (PyCFunction)(void (*)(void))py_unit_max, METH_FASTCALL, "Per-unit maxima of a float32 tensor."},
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
     {NULL, NULL, 0, NULL},

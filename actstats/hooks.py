@@ -417,7 +417,11 @@ class Recorder:
         if activation is not None and activation.family == "saturating":
             bounds = (activation.low, activation.high)
         with torch._C.DisableTorchFunction():
-            rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
+            if activation is not None and activation.family == "relu":  # also the alive units
+                rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True,
+                                                               saturation=bounds, eps=self.eps)
+            else:
+                rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
             record = state.index
             self._act_rows += [(r, record) for r in rows]
             if inputs:
@@ -426,8 +430,6 @@ class Recorder:
                 self._device = y.device
             # This output's rows, for a later record that receives it unchanged.
             self._seen[id(y)] = (weakref.ref(y), y._version, rows)
-            if activation is not None and activation.family == "relu":
-                state.unit_max = stats.merge_unit_maxima(state.unit_max, y, state.unit_dim)
             if self.bins:
                 if state.act_range is None:
                     state.act_range = self._range(name, 0, rows, y.device)

@@ -28,22 +28,33 @@ enabled: bool = kernels is not None and os.environ.get("ACTSTATS_NATIVE", "1") !
 def dense_float32_cpu(x: torch.Tensor) -> bool:
     """True when a kernel may read ``x`` as ``x.numel()`` float32 values from ``x.data_ptr()``.
 
-    That is a plain float32 CPU tensor, contiguous in the default or the
-    channels-last memory format (the statistics do not depend on the order of
-    the values), without a lazy negation or conjugation bit.
+    That is a plain float32 CPU tensor whose values fill a block of memory in
+    some order (contiguous, channels-last, or a permutation of dimensions such
+    as the transposed output of ``nn.MultiheadAttention``: the statistics do not
+    depend on the order of the values), without a lazy negation bit.
     """
     return (
         enabled
         and x.dtype == torch.float32
-        and x.device.type == "cpu"
+        and x.is_cpu
         and type(x) is torch.Tensor
         and x.layout == torch.strided
-        and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
+        and (x.is_contiguous() or _permuted_dense(x))
         and not x.is_neg()
     )
 
 
+def _permuted_dense(x: torch.Tensor) -> bool:
+    """True when some order of ``x``'s dimensions is contiguous (no gaps, no overlaps)."""
+    expected = 1
+    for stride, size in sorted((t, s) for s, t in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def row_major_float32_cpu(x: torch.Tensor) -> bool:
     """True when a kernel may read ``x`` in its logical (row-major) order."""
-    return enabled and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor \
+    return enabled and x.dtype == torch.float32 and x.is_cpu and type(x) is torch.Tensor \
         and x.layout == torch.strided and x.is_contiguous() and not x.is_neg()

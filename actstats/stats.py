@@ -139,13 +139,34 @@ class RowStore:
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
         """
-        xf = as_float(x)
+        return self._reduce_float(as_float(x), zeros, saturation, eps)
+
+    def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
+                      eps: float) -> list[int]:
         if native.dense_float32_cpu(xf):
             return [self._reduce_native(xf, zeros, saturation, eps)] if xf.numel() else []
         return [self._reduce(part, zeros, saturation, eps) for part in chunks(xf)]
 
+    def reduce_units(self, x: torch.Tensor, maxima: torch.Tensor | None, unit_dim: int, *, zeros: bool = False,
+                     saturation: tuple[float, float] | None = None, eps: float = 0.0
+                     ) -> tuple[list[int], torch.Tensor]:
+        """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
+        (:func:`merge_unit_maxima`): in the same pass when the compiled kernel reads ``x``."""
+        xf = as_float(x)
+        view = xf.reshape(1) if xf.dim() == 0 else xf
+        dim = unit_dim % view.dim()
+        layout = _unit_layout(view, dim)
+        units = view.shape[dim]
+        if layout is not None and (maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))):
+            out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
+            row = self._reduce_native(view, zeros, saturation, eps, (out.data_ptr(), *layout, maxima is not None))
+            return [row], out
+        return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
+
     def _reduce_native(self, x: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
-                       eps: float) -> int:
+                       eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
+        """One row written by the kernel into the open native block; ``units`` are the kernel's
+        ``(maxima address, outer, units, inner, merge)`` arguments, when it also takes unit maxima."""
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
         position = len(self._rows)
@@ -154,7 +175,7 @@ class RowStore:
             lo, hi = saturation
             mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
         native.kernels.moments(x.data_ptr(), x.numel(), self._native.data_ptr() + position * _ROW_BYTES,
-                               zeros, saturation is not None, mid, threshold)
+                               zeros, saturation is not None, mid, threshold, *units)
         return self._append(None, x.numel())
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
@@ -299,21 +320,14 @@ def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: i
     that saw a NaN (as ``amax`` gives); calls merge with ``fmax`` (a NaN does not
     erase an earlier maximum). ``current`` None starts a new vector; a vector of
     another length (a layer called with another width) is left as it is.
-    Dense float32 CPU tensors are read once by the compiled kernel, in place of ``current``.
+    (PyTorch operations; :meth:`RowStore.reduce_units` uses the kernel where it can.)
     """
     xf = x.detach()
     if xf.dim() == 0:
         xf = xf.reshape(1)
     dim = unit_dim % xf.dim()
-    units = xf.shape[dim]
-    if current is not None and current.shape != (units,):
+    if current is not None and current.shape != (xf.shape[dim],):
         return current
-    layout = _unit_layout(xf, dim)
-    if layout is not None and (current is None or native.row_major_float32_cpu(current)):
-        merge = current is not None
-        out = current if current is not None else torch.empty(units, dtype=torch.float32)
-        native.kernels.unit_max(xf.data_ptr(), *layout, out.data_ptr(), merge)
-        return out
     dims = [d for d in range(xf.dim()) if d != dim]
     maxima = xf.amax(dim=dims) if dims else xf.clone()
     return maxima if current is None else torch.fmax(current, maxima, out=current)
@@ -326,8 +340,8 @@ def _unit_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
     shape = x.shape
     if x.is_contiguous():
         return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
-    if dim == 1:  # channels-last [N, C, H, W] lies in memory as [N, H, W, C]
-        return x.numel() // shape[1], shape[1], 1
+    if dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.numel() // shape[1], shape[1], 1  # [N, C, H, W] lies in memory as [N, H, W, C]
     return None
 
 

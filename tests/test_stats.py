@@ -149,14 +149,14 @@ def test_unit_maxima_along_the_last_dim():
     x = -torch.ones(2, 3)
     x[:, 0] = 1.0
     x[1, 2] = 0.5  # one positive value in one sample keeps a unit alive
-    assert (stats.merge_unit_maxima(None, x, -1) > 0).tolist() == [True, False, True]
+    assert (stats.RowStore().reduce_units(x, None, -1)[1] > 0).tolist() == [True, False, True]
 
 
 def test_unit_maxima_along_channels():
     x = -torch.ones(2, 3, 4, 4)
     x[:, 0] = 1.0
     x[0, 2, 3, 1] = 0.5
-    assert (stats.merge_unit_maxima(None, x, 1) > 0).tolist() == [True, False, True]
+    assert (stats.RowStore().reduce_units(x, None, 1)[1] > 0).tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
@@ -169,15 +169,36 @@ def test_unit_maxima_match_amax_and_merge_with_fmax(layout):
         first, second = (t.contiguous(memory_format=torch.channels_last) for t in (first, second))
     elif layout == "transposed":
         first, second = (t.transpose(2, 3) for t in (first, second))
-    merged = stats.merge_unit_maxima(stats.merge_unit_maxima(None, first, 1), second, 1)
+    store = stats.RowStore()
+    rows, once = store.reduce_units(first, None, 1, zeros=True)
+    assert math.isnan(once[2])  # as amax: a NaN shows
+    once = once.clone()
+    more, merged = store.reduce_units(second, once.clone(), 1, zeros=True)
     expected = torch.fmax(first.amax(dim=(0, 2, 3)), second.amax(dim=(0, 2, 3)))
     assert torch.equal(merged, expected)
-    assert math.isnan(stats.merge_unit_maxima(None, first, 1)[2])  # amax: a NaN shows
+    assert torch.equal(stats.merge_unit_maxima(stats.merge_unit_maxima(None, first, 1), second, 1), expected)
+    act, *_ = _merge_act([first])  # the same rows as reduce gives
+    final = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    assert final[rows[0], stats.F_ZEROS] == act.zero_frac * act.numel
+    assert final[rows[0], stats.F_NONFINITE] == 1 and final[more[0], stats.F_NONFINITE] == 1
+    assert final[more[0], stats.F_MAX] != final[more[0], stats.F_MAX]  # NaN
 
 
 def test_unit_maxima_of_another_width_leave_the_merged_vector_as_it_is():
-    current = stats.merge_unit_maxima(None, torch.tensor([[1.0, -1.0]]), -1)
-    assert stats.merge_unit_maxima(current, torch.ones(4, 3), -1).tolist() == [1.0, -1.0]
+    store = stats.RowStore()
+    _, current = store.reduce_units(torch.tensor([[1.0, -1.0]]), None, -1)
+    rows, after = store.reduce_units(torch.ones(4, 3), current, -1)
+    assert after.tolist() == [1.0, -1.0] and store.numels()[rows[0]] == 12
+
+
+@pytest.mark.parametrize("shape, dim", [((3, 1030), -1), ((2, 3, 700), 1), ((5,), 0), ((), 0)])
+def test_unit_maxima_of_wide_and_odd_shapes(shape, dim):
+    # rows wider than the kernel's block, planes of several blocks, one unit per value, a scalar
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    _, maxima = stats.RowStore().reduce_units(x, None, dim)
+    view = x.reshape(1) if x.dim() == 0 else x
+    dims = [d for d in range(view.dim()) if d != dim % view.dim()]
+    assert torch.equal(maxima, view.amax(dim=dims) if dims else view)
 
 
 def _numpy_histogram(values, low, high, bins):
@@ -223,19 +244,21 @@ def test_the_kernels_read_dense_float32_cpu_tensors_only(reduction_path):
     takes = reduction_path == "kernels"
     assert native.dense_float32_cpu(dense) is takes
     assert native.dense_float32_cpu(dense.contiguous(memory_format=torch.channels_last)) is takes
-    assert not native.dense_float32_cpu(dense.transpose(1, 2))  # not dense in memory order
-    assert not native.dense_float32_cpu(dense[:, :, ::2])
+    assert native.dense_float32_cpu(dense.permute(3, 1, 0, 2)) is takes  # every value, in another order
+    assert not native.dense_float32_cpu(dense[:, :, ::2])  # gaps
+    assert not native.dense_float32_cpu(dense[:, :1].expand(2, 3, 4, 4))  # overlaps
+    assert not native.dense_float32_cpu(torch.ones(3, 1).expand(3, 3).t())
     assert not native.dense_float32_cpu(dense.double())
     assert not native.dense_float32_cpu(dense.half())
 
 
-@pytest.mark.parametrize("shape, step", [((3000,), 1), ((64, 33), 2), ((7, 5, 6, 6), 1)])
-def test_sums_of_any_layout_match_float64(shape, step):
-    # plain, strided (a copy is reduced) and channels-last (read in memory order)
+@pytest.mark.parametrize("layout", ["plain", "strided", "channels_last", "transposed"])
+def test_sums_of_any_layout_match_float64(layout):
+    # strided: a copy is reduced; channels-last and transposed: read in memory order
     gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(*shape, generator=gen) * 3 + 1)[..., ::step]
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(7, 5, 6, 66, generator=gen) * 3 + 1
+    x = {"plain": x, "strided": x[..., ::2], "transposed": x.transpose(0, 3),
+         "channels_last": x.contiguous(memory_format=torch.channels_last)}[layout]
     act, *_ = _merge_act([x])
     union = x.double().reshape(-1)
     assert act.numel == union.numel()

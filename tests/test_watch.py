@@ -75,8 +75,9 @@ def test_an_unsampled_step_runs_no_statistics_and_installs_no_hook(monkeypatch):
     model = small_model()
     base = hook_count(model)
     calls = []
-    real = stats.RowStore.reduce
-    monkeypatch.setattr(stats.RowStore, "reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for entry in ("reduce", "reduce_units", "moments"):  # every way into the statistics
+        real = getattr(stats.RowStore, entry)
+        monkeypatch.setattr(stats.RowStore, entry, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     with actstats.watch(model, every=3) as w:
         train_step(model, torch.randn(4, 6))
         # step 0 is sampled: the model input (also the first layer's), 3 outputs, 3 gradients
