@@ -242,17 +242,28 @@ class Recorder:
         self.root = unwrap(model)
         self.backward = backward
         self.eps = eps
+        self.record_no_grad = record_no_grad
+        self._handles: list[RemovableHandle] = []
+        self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._leaf: dict[int, bool] = {}
+        self._mode: _FunctionalActivations | None = None
+        self.active = False
+        self.generation = -1  # counts resets: gradient hooks of an earlier generation do nothing
+        self.reset(histogram_bins=histogram_bins, range_hints=range_hints)
+
+    def reset(self, *, histogram_bins: int = 0, range_hints: RangeHints | None = None) -> None:
+        """Forget everything recorded; the hooks stay (``watch`` keeps them from one sampled
+        step to the next), and modules added to the model are hooked at the next forward. A
+        gradient that reaches a hook registered before the reset is ignored."""
         self.bins = histogram_bins
         self.range_hints = dict(range_hints or {})
-        self.record_no_grad = record_no_grad
+        self.generation += 1
         self.records: dict[str, RecordState] = {}
         self.stack: list[_Frame] = []
-        self._handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
-        self._leaf: dict[int, bool] = {}
         self._channel_units = False
-        self._mode: _FunctionalActivations | None = None
         self._skipping = False
+        self._check_modules = self.active  # hooks kept from an earlier step: look for new modules
         # The rows of every tensor reduced in this forward pass, by id (a weak reference and
         # the version make sure it is the same tensor, unchanged): a layer whose input is an
         # earlier output (or the model input) reuses its rows instead of reducing it again.
@@ -270,7 +281,6 @@ class Recorder:
         self.input_shape: tuple[int, ...] | None = None
         #: recorded forward passes of the root (not counting skipped no-grad passes)
         self.forward_calls = 0
-        self.active = False
 
     # --- lifetime ------------------------------------------------------------
 
@@ -279,10 +289,20 @@ class Recorder:
         from the root's forward pre-hook to its forward hook."""
         if self.active:
             return self
+        self._hook_new_modules()
+        self.active = True
+        return self
+
+    def _hook_new_modules(self) -> None:
+        """Hook every module of the root not hooked yet: all of them on :meth:`attach`; after a
+        :meth:`reset`, the modules added to the model since (checked at its next forward)."""
         for name, module in self.root.named_modules():
             # Functional calls inside a leaf's own implementation belong to that leaf,
             # except in the root, whose forward is the model's own code.
             self._leaf[id(module)] = is_leaf(module) and module is not self.root
+            if module in self._hooked:
+                continue
+            self._hooked.add(module)
             is_root = module is self.root
             record = is_recorded(module, root=is_root)
             self._handles.append(module.register_forward_pre_hook(
@@ -293,8 +313,6 @@ class Recorder:
             self._handles.append(module.register_forward_hook(
                 self._post_hook(name, record, is_root, channels, activation), with_kwargs=True,
                 always_call=is_root))
-        self.active = True
-        return self
 
     def detach(self) -> None:
         """Remove every hook and leave the function mode; safe to call twice."""
@@ -302,6 +320,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked = weakref.WeakSet()
         self.stack.clear()
         self._exit_mode()
 
@@ -324,6 +343,9 @@ class Recorder:
     def _pre_hook(self, name: str, record: bool, is_root: bool):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if is_root:
+                if self._check_modules:
+                    self._check_modules = False
+                    self._hook_new_modules()
                 self._calls.clear()
                 self.stack.clear()
                 self._seen.clear()
@@ -446,8 +468,10 @@ class Recorder:
         return stats.histogram_range(self.store.extremes(rows))
 
     def _grad_hook(self, state: RecordState):
+        generation = self.generation
+
         def hook(grad: torch.Tensor) -> None:
-            if not self.active:
+            if not self.active or self.generation != generation:
                 return
             with torch._C.DisableTorchFunction():
                 rows = self.store.reduce(grad)

@@ -10,8 +10,10 @@ with actstats.watch(model, logdir="runs/exp", every=100) as w:
 
 Steps are counted from 0 by :meth:`Watch.step`; step k is sampled when
 ``k % every == 0``. Hooks are installed only for a sampled step (from the
-``step()`` that opens it to the ``step()`` that closes it), so an unsampled
-step runs no actstats code at all. A sampled step covers every forward and
+``step()`` that opens it to the ``step()`` that closes it; with ``every=1``
+they stay from one sampled step to the next, and modules added in between
+are hooked at the next forward), so an unsampled step runs no actstats code
+at all. A sampled step covers every forward and
 backward between two ``step()`` calls (gradient accumulation); forward passes
 run under ``torch.no_grad()`` (evaluation) are left out of it. Closing a
 sampled step merges its statistics on the device, across processes when
@@ -156,8 +158,22 @@ class Watch:
         closing, recorder = self._step, self._recorder
         self._recorder = None
         self._step += 1
-        flagged = self._close(closing, recorder) if recorder is not None else None
-        self._open_if_sampled()
+        # Consecutive sampled steps (every=1) keep the hooks: the recorder is reset, not rebuilt.
+        keep = recorder is not None and self.sampled(self._step)
+        flagged = None
+        if recorder is not None:
+            try:
+                if not keep:
+                    recorder.detach()
+                flagged = self._close(closing, recorder)
+            except BaseException:
+                recorder.detach()
+                raise
+        if keep:
+            recorder.reset(histogram_bins=self._bins(), range_hints=self._hints)  # type: ignore[union-attr]
+            self._recorder = recorder
+        else:
+            self._open_if_sampled()
         if flagged is not None:
             raise FlagRaisedError(f"step {closing}: {flagged}")
 
@@ -170,18 +186,20 @@ class Watch:
         """The report of the latest sampled step (merged across processes), or None before one."""
         return self._report
 
+    def _bins(self) -> int:
+        """Histogram bins for the step now opening. Across processes, bins only add up when
+        every rank uses the same range: the ranges merged on the previous sampled step; the
+        first one has no histograms."""
+        return self.bins if self._hints or not _distributed() else 0
+
     def _open_if_sampled(self) -> None:
         if self.sampled(self._step):
-            # Across processes, bins only add up when every rank uses the same range: the
-            # ranges merged on the previous sampled step. The first one has no histograms.
-            bins = self.bins if self._hints or not _distributed() else 0
             self._recorder = Recorder(
-                self.root, backward=True, eps=self.eps, histogram_bins=bins,
+                self.root, backward=True, eps=self.eps, histogram_bins=self._bins(),
                 range_hints=self._hints, record_no_grad=False,
             ).attach()
 
     def _close(self, step: int, recorder: Recorder) -> str | None:
-        recorder.detach()
         done = conclude(recorder, self.root, thresholds=self.thresholds, eps=self.eps,
                         all_reduce=_all_reduce if _distributed() else None, symmetry=self._symmetry)
         if not done.summaries:

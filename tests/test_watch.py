@@ -293,3 +293,52 @@ def test_flush_makes_a_sampled_step_readable_before_the_watch_closes(tmp_path):
         assert [e.step for e in acc.Scalars("act_std/0")] == [0]
         assert acc.Scalars("act_std/0")[0].value == pytest.approx(w.report().layer("0").act.std, rel=1e-6)
     actstats.watch(small_model()).flush()  # no logdir: nothing to flush, no error
+
+
+def test_consecutive_sampled_steps_keep_the_hooks_and_start_afresh(monkeypatch):
+    model = small_model()
+    base = hook_count(model)
+    registered = []
+    real = nn.Module.register_forward_hook
+    monkeypatch.setattr(nn.Module, "register_forward_hook",
+                        lambda self, *a, **k: registered.append(self) or real(self, *a, **k))
+    x1, x2 = torch.randn(4, 6), 3 * torch.randn(8, 6)
+    with actstats.watch(model, every=1) as w:
+        train_step(model, x1)
+        w.step()
+        first = w.report()
+        hooks = hook_count(model)
+        train_step(model, x2)
+        w.step()
+        second = w.report()
+        assert hook_count(model) == hooks and len(registered) == len(list(model.modules()))  # registered once
+    assert hook_count(model) == base
+    # each step's statistics are its own batch only, as a probe of that batch gives
+    assert (first.batches, second.batches, second.batch_size) == (1, 1, 8)
+    with torch.no_grad():
+        expected = model[0](x2)
+    assert second.layers[0].act.mean == pytest.approx(float(expected.double().mean()), rel=1e-6)
+    assert second.layers[0].act.numel == expected.numel()
+
+
+def test_a_module_added_between_sampled_steps_is_hooked():
+    model = small_model()
+    with actstats.watch(model, every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        model.append(nn.Tanh())
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        assert [layer.name for layer in w.report().layers] == ["0", "1", "2", "3"]
+
+
+def test_a_gradient_from_an_earlier_sampled_step_is_ignored():
+    model = small_model()
+    with actstats.watch(model, every=1) as w:
+        stale = model(torch.randn(4, 6)).square().mean()
+        w.step()  # step 0 closes with its forward only
+        train_step(model, torch.randn(4, 6))
+        stale.backward()  # step 0's graph: its gradients belong to no open step
+        w.step()
+        assert all(layer.grad is not None for layer in w.report().layers)
+        assert w.report().batches == 1
