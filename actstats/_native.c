@@ -16,6 +16,8 @@
  *                  clamped to the end bins, non-finite positions dropped; counts
  *                  added to a float64 vector.
  *   rows_equal  -> are all rows of a [rows, width] matrix equal to the first one?
+ *   masked_crc32c -> the checksum of TensorBoard's event records (its own is pure Python,
+ *                  about 200 us per KB: more than the histograms it frames).
  *
  * Arguments are addresses (Tensor.data_ptr()) and sizes; the caller checks dtype,
  * device and layout. The interpreter lock is released while a kernel runs. Kernels run on the
@@ -361,13 +363,45 @@ static PyObject *py_rows_equal(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyBool_FromLong(equal);
 }
 
+/* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as TFRecord framing uses it. */
+static uint32_t crc_table[256];
+
+static void crc_table_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[i] = c;
+    }
+}
+
+/* masked_crc32c(data) -> int: the masked CRC-32C of a bytes-like object, as TensorBoard's
+ * record writer computes it in Python ((crc >> 15 | crc << 17) + 0xA282EAD8, 32 bits). */
+static PyObject *py_masked_crc32c(PyObject *self, PyObject *data) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) != 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    uint32_t crc = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < view.len; i++)
+        crc = crc_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    PyBuffer_Release(&view);
+    crc ^= 0xFFFFFFFFu;
+    uint32_t masked = ((crc >> 15) | (crc << 17)) + 0xA282EAD8u;
+    return PyLong_FromUnsignedLong(masked);
+}
+
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
+    {"masked_crc32c", py_masked_crc32c, METH_O, "TensorBoard's masked CRC-32C of a bytes-like object."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "One-pass statistics kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    crc_table_init();
+    return PyModule_Create(&module);
+}

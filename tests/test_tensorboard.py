@@ -6,6 +6,7 @@ import dataclasses
 import math
 import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,31 @@ def test_runs_of_empty_buckets_are_written_as_one(report: actstats.Report, tmp_p
     h = load(tmp_path).Histograms("activations/fc1")[0].histogram_value
     assert (h.bucket_limit, h.bucket) == ([2.0, 3.0, 6.0, 7.0, 8.0], [0.0, 2.0, 0.0, 1.0, 0.0])
     assert (h.min, h.max, h.num) == (2.2, 6.5, 3)
+
+
+def test_a_sink_frames_records_with_the_compiled_checksum_and_the_same_bytes(tmp_path, report):
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from actstats import native
+
+    with TensorBoardSink(tmp_path / "run") as sink:
+        assert type(sink.writer._get_file_writer().event_writer._async_writer).__name__ == "_RecordBuffer"
+        sink.writer.add_scalar("x", 1.5, 0)
+        sink.write_report(report, 3)  # flushes: the records are in the file now
+        data = next((tmp_path / "run").glob("events.out.tfevents.*")).read_bytes()
+        assert b"act_std/" in data
+        sink.writer.add_scalar("y", 2.5, 4)
+    assert len(next((tmp_path / "run").glob("events.out.tfevents.*")).read_bytes()) > len(data)  # close flushes
+    data = next((tmp_path / "run").glob("events.out.tfevents.*")).read_bytes()
+    records, at = 0, 0
+    while at < len(data):  # every record's two checksums, recomputed by TensorBoard's own function
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(data[at:at + 8])
+        body = data[at + 12:at + 12 + length]
+        assert struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] == masked_crc32c(body)
+        at += 16 + length
+        records += 1
+    assert records >= 2 and at == len(data)
+    for size in (0, 1, 9, 4099):
+        payload = bytes(random.Random(size).randrange(256) for _ in range(size))
+        assert native.kernels.masked_crc32c(payload) == masked_crc32c(payload)
