@@ -59,6 +59,7 @@ typedef struct {
 #define BLOCK 512
 /* A block whose values lie further than this from the shift could overflow a float32 square;
  * one that lies closer than TINY (but not at 0) could underflow: both are summed in float64. */
+#define FLUSH (1 << 30) /* histogram tallies are emptied before an int32 could overflow */
 #define HUGE_SPAN 1152921504606846976.0f /* 2**60 */
 #define TINY_SPAN 9.094947017729282e-13f /* 2**-40 */
 
@@ -312,24 +313,32 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "histogram needs at least one bin");
         return NULL;
     }
-    /* bins + 1 slots (the last one takes what is dropped), four interleaved tallies so that
-     * equal neighbours do not wait on one another */
+    /* bins + 1 slots (the last one takes what is dropped), four interleaved int32 tallies so that
+     * equal neighbours do not wait on one another, emptied into the float64 counts every FLUSH values */
     int64_t slots = bins + 1;
-    int64_t *tally = calloc((size_t)(4 * slots), sizeof *tally);
+    int32_t *tally = calloc((size_t)(4 * slots), sizeof *tally);
     if (tally == NULL)
         return PyErr_NoMemory();
     float low = (float)bounds[0], high = (float)bounds[1];
     float per_unit = (float)bins / (high - low);
     Py_BEGIN_ALLOW_THREADS
-    int32_t index[BLOCK];
+    int32_t index[BLOCK + 3];
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t size = n - start < BLOCK ? n - start : BLOCK;
         bin_index_f32(x + start, size, low, per_unit, (int32_t)bins, index);
-        for (int64_t i = 0; i < size; i++)
-            tally[(i & 3) * slots + index[i]]++;
+        index[size] = index[size + 1] = index[size + 2] = (int32_t)bins; /* padding: the dropped slot */
+        for (int64_t i = 0; i < size; i += 4) {
+            tally[index[i]]++;
+            tally[slots + index[i + 1]]++;
+            tally[2 * slots + index[i + 2]]++;
+            tally[3 * slots + index[i + 3]]++;
+        }
+        if ((start / BLOCK) % (FLUSH / BLOCK) == FLUSH / BLOCK - 1 || start + BLOCK >= n) {
+            for (int64_t b = 0; b < bins; b++)
+                counts[b] += (double)tally[b] + tally[slots + b] + tally[2 * slots + b] + tally[3 * slots + b];
+            memset(tally, 0, (size_t)(4 * slots) * sizeof *tally);
+        }
     }
-    for (int64_t b = 0; b < bins; b++)
-        counts[b] += (double)(tally[b] + tally[slots + b] + tally[2 * slots + b] + tally[3 * slots + b]);
     Py_END_ALLOW_THREADS
     free(tally);
     Py_RETURN_NONE;
