@@ -48,20 +48,21 @@ class Histogram:
     sum_squares: float
 
     def __post_init__(self) -> None:
-        edges = np.asarray(self.edges, dtype=np.float64).reshape(-1)
-        counts = np.asarray(self.counts, dtype=np.float64).reshape(-1)
-        if counts.size == 0 or edges.size != counts.size + 1:
+        edges = np.asarray(self.edges, dtype=np.float64).reshape(-1).tolist()
+        counts = np.asarray(self.counts, dtype=np.float64).reshape(-1).tolist()
+        if not counts or len(edges) != len(counts) + 1:
             raise ValueError(
                 f"a histogram needs at least one bin and len(edges) == len(counts) + 1; "
-                f"got {edges.size} edges and {counts.size} counts"
+                f"got {len(edges)} edges and {len(counts)} counts"
             )
-        if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        # plain Python on a few dozen floats: numpy's per-call cost would be most of a report's
+        if not all(map(math.isfinite, edges)) or not all(b > a for a, b in zip(edges, edges[1:])):
             raise ValueError(
-                f"histogram edges must be finite and strictly increasing; got {edges.tolist()} "
+                f"histogram edges must be finite and strictly increasing; got {edges} "
                 f"(for constant data widen the range, e.g. [v - 1, v + 1])"
             )
-        object.__setattr__(self, "edges", tuple(edges.tolist()))
-        object.__setattr__(self, "counts", tuple(counts.tolist()))
+        object.__setattr__(self, "edges", tuple(edges))
+        object.__setattr__(self, "counts", tuple(counts))
         for name in ("min", "max", "num", "sum", "sum_squares"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -87,7 +88,9 @@ def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float
     """Assemble a host-side :class:`Histogram`; None when nothing finite was counted."""
     if not num > 0 or not (math.isfinite(low) and math.isfinite(high) and high > low):
         return None
-    edges = np.linspace(low, high, len(counts) + 1)
+    bins = len(counts)
+    step = (high - low) / bins
+    edges = [low + i * step for i in range(bins)] + [high]  # as np.linspace(low, high, bins + 1)
     return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
 
 

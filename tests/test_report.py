@@ -4,11 +4,14 @@ import csv
 import io
 import json
 
+import numpy as np
+import pytest
+
 import torch
 from torch import nn
 
 import actstats
-from actstats.report import CSV_COLUMNS
+from actstats.report import CSV_COLUMNS, make_histogram
 from actstats.table import number, render, shorten
 
 LAYER_KEYS = {"name", "type", "index", "act", "input_rms", "grad", "dead_frac", "saturation", "weight", "flags"}
@@ -90,3 +93,9 @@ def test_number_format_is_at_most_seven_characters():
         assert len(number(x)) <= 7, number(x)
     assert number(1.234e-5) == "1.2e-5" and number(0.5) == "0.5" and number(None) == "-"
     assert shorten("layer1.0.downsample.conv", 12) == "layer…e.conv"
+
+
+@pytest.mark.parametrize("low, high", [(-1.5, 2.25), (1e-3, 7.0), (-3.3, -0.1)])
+def test_made_histogram_edges_are_numpys_linspace(low, high):
+    hist = make_histogram(np.ones(64), low, high, low, high, 64.0, 0.0, 1.0)
+    assert list(hist.edges) == np.linspace(low, high, 65).tolist()
