@@ -12,6 +12,7 @@
  *                  and min = max = NaN when it holds a NaN (as aminmax gives).
  *                  Optionally also, per unit, the largest value (NaN when the unit saw a
  *                  NaN, as amax gives), fmax-merged into what is already there.
+ *   sums        -> the sums alone, in float64 (for weights).
  *   histogram   -> float32 positions (x - low) * bins / (high - low), truncated,
  *                  clamped to the end bins, non-finite positions dropped; counts
  *                  added to a float64 vector.
@@ -283,6 +284,32 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* sums(x_ptr, n, out_ptr): out_ptr -> 8 float64: shift c, scale 1, sum(x - c), sum((x - c)^2) in
+ * float64, then zeros (no min, max or counts: for weights; NaN or Inf make the sums NaN or Inf). */
+static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "sums takes 3 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    int64_t n = PyLong_AsLongLong(args[1]);
+    double *out = (double *)PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "sums needs at least one value");
+        return NULL;
+    }
+    float shift = x[0];
+    double sum = 0.0, sumsq = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    block_sums_f64(x, n, shift, &sum, &sumsq);
+    Py_END_ALLOW_THREADS
+    double row[8] = {shift, 1.0, sum, sumsq, 0.0, 0.0, 0.0, 0.0};
+    memcpy(out, row, sizeof row);
+    Py_RETURN_NONE;
+}
+
 VECTOR_CLONES
 static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, int32_t bins, int32_t *index) {
     float last = (float)(bins - 1);
@@ -403,6 +430,7 @@ static PyObject *py_masked_crc32c(PyObject *self, PyObject *data) {
 
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
+    {"sums", (PyCFunction)(void (*)(void))py_sums, METH_FASTCALL, "Float64 sums of a float32 vector."},
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
     {"masked_crc32c", py_masked_crc32c, METH_O, "TensorBoard's masked CRC-32C of a bytes-like object."},

@@ -167,16 +167,19 @@ class RowStore:
                        eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
         """One row written by the kernel into the open native block; ``units`` are the kernel's
         ``(maxima address, outer, units, inner, merge)`` arguments, when it also takes unit maxima."""
-        if self._native is None:
-            self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
-        position = len(self._rows)
         mid, threshold = 0.0, 0.0
         if saturation is not None:
             lo, hi = saturation
             mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
-        native.kernels.moments(x.data_ptr(), x.numel(), self._native.data_ptr() + position * _ROW_BYTES,
-                               zeros, saturation is not None, mid, threshold, *units)
+        native.kernels.moments(x.data_ptr(), x.numel(), self._native_row(), zeros, saturation is not None,
+                               mid, threshold, *units)
         return self._append(None, x.numel())
+
+    def _native_row(self) -> int:
+        """The address of the next row in the open native block, for a kernel to write."""
+        if self._native is None:
+            self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
+        return self._native.data_ptr() + len(self._rows) * _ROW_BYTES
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
         n = flat.numel()
@@ -224,10 +227,13 @@ class RowStore:
         """Rows of ``x``'s sums: for weights. With PyTorch operations, shifted by the first
         value and not scaled (weights are finite and far from float32 overflow; NaN or Inf
         make the sums NaN or Inf), min, max and counts left zero: about half the work of
-        :meth:`reduce`. The compiled kernel gives the full row at no extra cost."""
+        :meth:`reduce`. The compiled kernel sums in float64, one vectorised pass."""
         xf = as_float(x)
         if native.dense_float32_cpu(xf):
-            return [self._reduce_native(xf, False, None, 0.0)] if xf.numel() else []
+            if not xf.numel():
+                return []
+            native.kernels.sums(xf.data_ptr(), xf.numel(), self._native_row())
+            return [self._append(None, xf.numel())]
         numbers = []
         for part in chunks(xf):
             zero, one = self._zeros(part), self._ones(part)
