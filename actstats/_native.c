@@ -72,21 +72,20 @@ typedef struct {
 /* What a block counts besides sums, extremes and non-finite values (each costs time per value). */
 enum { COUNT_ZEROS = 1, COUNT_SATURATED = 2 };
 
-/* One block. A NaN or Inf spoils the block's sums, which the caller then does not use (the row
- * keeps the non-finite count alone); a NaN compares false, so min and max ignore it. */
+/* One block. The loop is bound by its operations per value, so non-finite values are not
+ * counted in it: a NaN makes the sum NaN, an Inf shows in min or max, and only then is the
+ * block scanned again to count them (its sums are not used: the row keeps the count alone).
+ * A NaN compares false, so min and max ignore it. */
 static inline __attribute__((always_inline)) void block_body(const float *x, int64_t n, float shift, float mid,
                                                              float threshold, Block *b, const int what) {
     float sum = 0.0f, sumsq = 0.0f, low = INFINITY, high = -INFINITY;
     int32_t zeros = 0, saturated = 0, nonfinite = 0;
-#pragma omp simd reduction(+ : sum, sumsq, zeros, saturated, nonfinite) reduction(min : low) reduction(max : high)
+#pragma omp simd reduction(+ : sum, sumsq, zeros, saturated) reduction(min : low) reduction(max : high)
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
-        uint32_t bits;
-        memcpy(&bits, &v, sizeof bits);
         float d = v - shift;
         sum += d;
         sumsq += d * d;
-        nonfinite += (bits & EXPONENT) == EXPONENT;
         if (what & COUNT_ZEROS)
             zeros += v == 0.0f;
         if (what & COUNT_SATURATED)
@@ -94,6 +93,9 @@ static inline __attribute__((always_inline)) void block_body(const float *x, int
         low = v < low ? v : low;
         high = v > high ? v : high;
     }
+    if (sum != sum || low == -INFINITY || high == INFINITY || is_nonfinite(sum))
+        for (int64_t i = 0; i < n; i++)
+            nonfinite += is_nonfinite(x[i]);
     *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite};
 }
 
