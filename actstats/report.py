@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import operator
 from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,7 +57,7 @@ class Histogram:
                 f"got {len(edges)} edges and {len(counts)} counts"
             )
         # plain Python on a few dozen floats: numpy's per-call cost would be most of a report's
-        if not all(map(math.isfinite, edges)) or not all(b > a for a, b in zip(edges, edges[1:])):
+        if not all(map(math.isfinite, edges)) or not all(map(operator.lt, edges, edges[1:])):
             raise ValueError(
                 f"histogram edges must be finite and strictly increasing; got {edges} "
                 f"(for constant data widen the range, e.g. [v - 1, v + 1])"
@@ -91,6 +92,8 @@ def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float
     bins = len(counts)
     step = (high - low) / bins
     edges = [low + i * step for i in range(bins)] + [high]  # as np.linspace(low, high, bins + 1)
+    if not all(map(operator.lt, edges, edges[1:])):  # a range narrower than the float spacing
+        return None
     return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
 
 

@@ -99,3 +99,7 @@ def test_number_format_is_at_most_seven_characters():
 def test_made_histogram_edges_are_numpys_linspace(low, high):
     hist = make_histogram(np.ones(64), low, high, low, high, 64.0, 0.0, 1.0)
     assert list(hist.edges) == np.linspace(low, high, 65).tolist()
+
+
+def test_a_range_narrower_than_the_float_spacing_gives_no_histogram():
+    assert make_histogram(np.ones(64), 1.0, 1.0 + 1e-15, 1.0, 1.0, 64.0, 64.0, 64.0) is None
