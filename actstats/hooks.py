@@ -178,6 +178,7 @@ class _Frame:
     args: tuple[Any, ...]  # the call's own arguments, alive anyway while it runs
     kwargs: dict[str, Any]
     inputs: list[int] | None  # raw rows (stats.RowStore) of the first tensor input
+    mode_off: bool = False  # the function mode was taken off the stack for this (leaf) call
 
     @property
     def input_shapes(self) -> str:
@@ -247,6 +248,7 @@ class Recorder:
         self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._leaf: dict[int, bool] = {}
         self._mode: _FunctionalActivations | None = None
+        self._mode_off = False  # the mode is off the stack while a leaf runs
         self.active = False
         self.generation = -1  # counts resets: gradient hooks of an earlier generation do nothing
         self.reset(histogram_bins=histogram_bins, range_hints=range_hints)
@@ -327,7 +329,9 @@ class Recorder:
     def _exit_mode(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
+            if not self._mode_off:  # else a leaf's forward raised while the mode stood aside
+                mode.__exit__(None, None, None)
+            self._mode_off = False
 
     def __enter__(self) -> Recorder:
         return self.attach()
@@ -368,8 +372,22 @@ class Recorder:
                 x = _first_input(args, kwargs)
                 if x is not None:
                     inputs = self._rows_of_input(x)
-            self.stack.append(_Frame(module, name, args, kwargs, inputs))
+            frame = _Frame(module, name, args, kwargs, inputs)
+            if not is_root and self._leaf.get(id(module)) and self._mode_on_top():
+                # Functional calls inside a leaf belong to the leaf: the mode steps aside while
+                # it runs, so that its own operations (conv2d, batch_norm, ...) are not intercepted.
+                torch._C._pop_torch_function_stack()
+                frame.mode_off = self._mode_off = True
+            self.stack.append(frame)
         return hook
+
+    def _mode_on_top(self) -> bool:
+        """True when our function mode is the innermost one (other modes may have been entered
+        inside the model's forward: those are left as they are)."""
+        if self._mode is None or self._mode_off:
+            return False
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self._mode
 
     def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
                    activation: Activation | None):
@@ -378,6 +396,9 @@ class Recorder:
                 if self._skipping or not self.stack or self.stack[-1].module is not module:
                     return  # forward raised below this module (always_call), or skipped pass
                 frame = self.stack.pop()
+                if frame.mode_off:
+                    torch._C._push_on_torch_function_stack(self._mode)
+                    self._mode_off = False
                 if not record:
                     return
                 kind = type(module).__name__

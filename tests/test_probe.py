@@ -375,3 +375,51 @@ def test_an_input_seen_before_is_not_reduced_again_unless_it_changed(monkeypatch
     assert by_name["right"].input_rms == pytest.approx(x_rms, rel=1e-6)
     after_rms = float(expected_after_input.double().square().mean().sqrt())
     assert by_name["after"].input_rms == pytest.approx(after_rms, rel=1e-6)
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_leaf_that_raises_leaves_no_function_mode_behind():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), _Boom())
+    with pytest.raises(ForwardError):
+        actstats.probe(model, torch.randn(2, 3))
+    assert torch._C._len_torch_function_stack() == 0
+    with Recorder(model):
+        with pytest.raises(RuntimeError, match="boom"):
+            model(torch.randn(2, 3))
+    assert torch._C._len_torch_function_stack() == 0
+
+
+class _ModeInside(nn.Module):
+    """A model that enters a function mode of its own inside its forward."""
+
+    def __init__(self, counting):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.counting = counting
+
+    def forward(self, x):
+        with self.counting:
+            return torch.sigmoid(self.fc(x))
+
+
+def test_a_mode_entered_inside_the_forward_sees_everything_and_functional_calls_are_still_recorded():
+    counting = _Counting()
+    model = _ModeInside(counting)
+    report = actstats.probe(model, torch.randn(4, 3), batches=1)
+    assert [layer.name for layer in report.layers] == ["fc", "sigmoid()"]
+    assert "linear" in counting.calls  # our mode did not step aside over the user's one
+    assert torch._C._len_torch_function_stack() == 0
