@@ -344,8 +344,16 @@ class Recorder:
 
     # --- hooks -----------------------------------------------------------------
 
+    # Hooks run with __torch_function__ handling off: their own tensor calls (is_floating_point,
+    # dim, shape, the reductions) are neither intercepted by the function mode nor dispatched
+    # to tensor subclasses' Python overrides.
+
     def _pre_hook(self, name: str, record: bool, is_root: bool):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            with torch._C.DisableTorchFunction():
+                body(module, args, kwargs)
+
+        def body(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if is_root:
                 if self._check_modules:
                     self._check_modules = False
@@ -392,6 +400,10 @@ class Recorder:
     def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
                    activation: Activation | None):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            with torch._C.DisableTorchFunction():
+                body(module, output)
+
+        def body(module: nn.Module, output: Any) -> None:
             try:
                 if self._skipping or not self.stack or self.stack[-1].module is not module:
                     return  # forward raised below this module (always_call), or skipped pass
