@@ -61,7 +61,7 @@ typedef struct {
 #define FLUSH (1 << 30) /* histogram tallies are emptied before an int32 could overflow */
 /* A block whose values lie further than this from the shift could overflow a float32 square;
  * one that lies closer than TINY (but not at 0) could underflow: both are summed in float64. */
-#define HUGE_SPAN 1152921504606846976.0f /* 2**60 */
+#define HUGE_SPAN 18014398509481984.0f /* 2**54: 512 squares stay below 2**117 */
 #define TINY_SPAN 9.094947017729282e-13f /* 2**-40 */
 
 typedef struct {
@@ -143,7 +143,7 @@ static void moments_add(const float *x, int64_t size, float shift, float mid, fl
     Block b;
     block(x, size, shift, mid, threshold, &b);
     float span = fmaxf(b.high - shift, shift - b.low);
-    if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN))) {
+    if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN) || is_nonfinite(b.sumsq))) {
         block_sums_f64(x, size, shift, &m->sum, &m->sumsq);
     } else {
         m->sum += b.sum;
@@ -339,8 +339,8 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
     double *counts = (double *)PyLong_AsVoidPtr(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    if (bins <= 0) {
-        PyErr_SetString(PyExc_ValueError, "histogram needs at least one bin");
+    if (bins <= 0 || bins >= INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "histogram needs between 1 and 2**31 - 2 bins");
         return NULL;
     }
     /* bins + 1 slots (the last one takes what is dropped), four interleaved int32 tallies so that

@@ -179,6 +179,7 @@ class _Frame:
     kwargs: dict[str, Any]
     inputs: list[int] | None  # raw rows (stats.RowStore) of the first tensor input
     mode_off: bool = False  # the function mode was taken off the stack for this (leaf) call
+    mode_back: bool = False  # ... and put back for this call of a module with children inside a leaf
 
     @property
     def input_shapes(self) -> str:
@@ -370,6 +371,8 @@ class Recorder:
                     if self.input_shape is None:
                         self.input_shape = tuple(x.shape)
                     self._root_rows += self._rows_of_input(x) or []  # also the first layer's input
+                if self._mode is not None and self._mode_off:  # an earlier forward was interrupted
+                    self._mode, self._mode_off = None, False  # inside a leaf: that mode is off the stack
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
@@ -381,11 +384,19 @@ class Recorder:
                 if x is not None:
                     inputs = self._rows_of_input(x)
             frame = _Frame(module, name, args, kwargs, inputs)
-            if not is_root and self._leaf.get(id(module)) and self._mode_on_top():
-                # Functional calls inside a leaf belong to the leaf: the mode steps aside while
-                # it runs, so that its own operations (conv2d, batch_norm, ...) are not intercepted.
-                torch._C._pop_torch_function_stack()
-                frame.mode_off = self._mode_off = True
+            if not is_root:
+                if self._leaf.get(id(module)):
+                    if self._mode_on_top():
+                        # Functional calls inside a leaf belong to the leaf: the mode steps aside while
+                        # it runs, so that its own operations (conv2d, batch_norm, ...) are not intercepted.
+                        torch._C._pop_torch_function_stack()
+                        frame.mode_off = self._mode_off = True
+                elif self._mode is not None and self._mode_off:
+                    # a module with children called from inside a leaf's forward: its functional
+                    # calls are its own, so the mode comes back while it runs
+                    torch._C._push_on_torch_function_stack(self._mode)
+                    frame.mode_back = True
+                    self._mode_off = False
             self.stack.append(frame)
         return hook
 
@@ -411,6 +422,9 @@ class Recorder:
                 if frame.mode_off:
                     torch._C._push_on_torch_function_stack(self._mode)
                     self._mode_off = False
+                elif frame.mode_back:
+                    torch._C._pop_torch_function_stack()
+                    self._mode_off = True
                 if not record:
                     return
                 kind = type(module).__name__

@@ -171,15 +171,22 @@ class RowStore:
         if saturation is not None:
             lo, hi = saturation
             mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
-        native.kernels.moments(x.data_ptr(), x.numel(), self._native_row(), zeros, saturation is not None,
+        row, address = self._native_row(x.numel())
+        native.kernels.moments(x.data_ptr(), x.numel(), address, zeros, saturation is not None,
                                mid, threshold, *units)
-        return self._append(None, x.numel())
+        return row
 
-    def _native_row(self) -> int:
-        """The address of the next row in the open native block, for a kernel to write."""
+    def _native_row(self, n: int) -> tuple[int, int]:
+        """Reserve the next row of the open native block for a kernel: its number and address.
+
+        The row is noted before the kernel writes it (a kernel runs without the interpreter
+        lock); the block is stacked only when a later row needs room.
+        """
+        self._close_full_block()
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
-        return self._native.data_ptr() + len(self._rows) * _ROW_BYTES
+        address = self._native.data_ptr() + len(self._rows) * _ROW_BYTES
+        return self._append(None, n), address
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
         n = flat.numel()
@@ -201,13 +208,18 @@ class RowStore:
         return self._append((shift, scale, total, squares, low, high, zero_count, saturated), n)
 
     def _append(self, row: tuple[torch.Tensor, ...] | None, n: int) -> int:
-        """Note a row (None: written by a kernel into the open native block); close full blocks."""
+        """Note a row (None: written by a kernel into the open native block), after closing a full block."""
+        self._close_full_block()
         self._rows.append(row)
         self._numels.append(n)
+        return len(self._numels) - 1
+
+    def _close_full_block(self) -> None:
+        """Stack a full block of rows, when the next row needs room (a kernel may be writing the
+        last row of the open block until then)."""
         if len(self._rows) == self.BLOCK:
             self._blocks.append(self._open_block())
             self._rows, self._native = [], None
-        return len(self._numels) - 1
 
     def _open_block(self) -> torch.Tensor:
         """The rows not in a closed block yet, as one ``[rows, RAW_WIDTH]`` tensor."""
@@ -232,8 +244,9 @@ class RowStore:
         if native.dense_float32_cpu(xf):
             if not xf.numel():
                 return []
-            native.kernels.sums(xf.data_ptr(), xf.numel(), self._native_row())
-            return [self._append(None, xf.numel())]
+            row, address = self._native_row(xf.numel())
+            native.kernels.sums(xf.data_ptr(), xf.numel(), address)
+            return [row]
         numbers = []
         for part in chunks(xf):
             zero, one = self._zeros(part), self._ones(part)
@@ -379,8 +392,8 @@ def add_histogram(counts: torch.Tensor, x: torch.Tensor, bounds: torch.Tensor) -
     """
     xf = as_float(x)
     bins = counts.numel()
-    if native.dense_float32_cpu(xf) and counts.dtype == torch.float64 and counts.is_contiguous() \
-            and bounds.dtype == torch.float64 and bounds.device.type == "cpu" and bounds.is_contiguous():
+    if native.dense_float32_cpu(xf) and counts.dtype == torch.float64 and counts.is_cpu and counts.is_contiguous() \
+            and bounds.dtype == torch.float64 and bounds.is_cpu and bounds.is_contiguous():
         if xf.numel():
             native.kernels.histogram(xf.data_ptr(), xf.numel(), bounds.data_ptr(), bins, counts.data_ptr())
         return

@@ -293,7 +293,7 @@ def _write_directly(writer: SummaryWriter) -> None:
     """
     from actstats import native
 
-    if native.kernels is None:
+    if native.kernels is None or not native.enabled:
         return
     try:
         from tensorboard.summary.writer.event_file_writer import _AsyncWriter
@@ -319,6 +319,8 @@ class _RecordBuffer:
     masked CRC-32C in pure Python (about 200 us per KB) and opens, appends to and
     closes the file; with a few hundred events per report the handing over and the
     checksums cost more than computing the histograms. The same bytes come out.
+    Events written through :attr:`TensorBoardSink.writer` between reports reach
+    the file with the next report, :meth:`TensorBoardSink.flush` or ``close``.
     """
 
     def __init__(self, file: Any) -> None:

@@ -423,3 +423,72 @@ def test_a_mode_entered_inside_the_forward_sees_everything_and_functional_calls_
     assert [layer.name for layer in report.layers] == ["fc", "sigmoid()"]
     assert "linear" in counting.calls  # our mode did not step aside over the user's one
     assert torch._C._len_torch_function_stack() == 0
+
+
+class _CallsABlock(nn.Module):
+    """A leaf (no children of its own) whose forward calls a module with children registered elsewhere."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.__dict__["block"] = block  # not a child
+
+    def forward(self, x):
+        return self.block(x) + 1.0
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class _LeafCaller(nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = _Block()
+        self.first, self.caller = nn.Linear(3, 3), _CallsABlock(block)
+        self.held = nn.ModuleList([block])  # registered (so hooked) here, called only by the leaf
+
+    def forward(self, x):
+        return self.caller(self.first(x))
+
+
+def test_functional_calls_of_a_module_called_from_inside_a_leaf_are_recorded():
+    report = actstats.probe(_LeafCaller(), torch.randn(4, 3), batches=1)
+    assert [layer.name for layer in report.layers] == ["first", "held.0.fc", "held.0.tanh()", "caller"]
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_forward_interrupted_inside_a_leaf_does_not_lose_the_next_steps_functional_calls():
+    class Interrupt(nn.Module):
+        armed = True
+
+        def forward(self, x):
+            if Interrupt.armed:
+                Interrupt.armed = False
+                raise KeyboardInterrupt  # not an Exception: the root's always-call hook does not run
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.stop = nn.Linear(3, 3), Interrupt()
+
+        def forward(self, x):
+            return torch.relu(self.stop(self.fc(x)))
+
+    model = Net()
+    rec = Recorder(model).attach()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model(torch.randn(2, 3))
+        while torch._C._len_torch_function_stack():  # what the interrupted forward left (nothing, here)
+            torch._C._pop_torch_function_stack()
+        rec.reset()
+        model(torch.randn(2, 3))
+        assert "relu()" in rec.records
+    finally:
+        rec.detach()

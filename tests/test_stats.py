@@ -264,3 +264,19 @@ def test_sums_of_any_layout_match_float64(layout):
     assert act.numel == union.numel()
     assert act.mean == pytest.approx(float(union.mean()), rel=1e-6)
     assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["one-huge-value", "all-huge"])
+def test_values_just_below_the_float64_fallback_do_not_overflow(layout):
+    # 512 squares of about 2**59 exceed float32's range: such a block must be summed in float64
+    if layout == "one-huge-value":
+        x = torch.zeros(600)
+        x[0] = 1e18
+    else:
+        x = torch.full((512,), 1e18)
+        x[0] = 0.0
+    act, *_ = _merge_act([x])
+    union = x.double()
+    assert act.nonfinite == 0
+    assert act.rms == pytest.approx(float(union.square().mean().sqrt()), rel=1e-6)
+    assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
