@@ -1,4 +1,4 @@
-/* One-pass statistics kernels for contiguous float32 CPU tensors.
+/* One-pass statistics kernels for float32 CPU tensors whose values fill a block of memory.
  *
  * Optional: actstats builds this module when a C compiler is available and falls
  * back to PyTorch operations when it is not (actstats/native.py decides). Each
@@ -7,9 +7,11 @@
  * conventions (see actstats/stats.py):
  *
  *   moments     -> the 8 raw-row columns: shift c, scale 1, sum(x - c), sum((x - c)^2),
- *                  min, max, zero count, saturated count. Sums in float64 over the
- *                  finite values; a tensor holding NaN or Inf gets sum = MARK * count
- *                  and min = max = NaN when it holds a NaN (as aminmax gives).
+ *                  min, max, zero count, saturated count. Sums in float32 lanes per
+ *                  block of 512 values, blocks added in float64 (in float64 throughout
+ *                  for a block far from, or very close to, the shift); a tensor holding
+ *                  NaN or Inf gets sum = MARK * count, and min = max = NaN when it holds
+ *                  a NaN (as aminmax gives).
  *                  Optionally also, per unit, the largest value (NaN when the unit saw a
  *                  NaN, as amax gives), fmax-merged into what is already there.
  *   sums        -> the sums alone, in float64 (for weights).

@@ -1,8 +1,9 @@
 """Streaming, mergeable statistics of tensors.
 
 A hook reduces each tensor it sees, on the tensor's own device, into a *raw
-row* of a :class:`RowStore`: a dozen reductions whose 0-d results stay where
-they are, nothing synchronised, nothing moved to the host. Once per step all
+row* of a :class:`RowStore`: one pass of a compiled kernel for a float32 CPU
+tensor (:mod:`actstats.native`), else a dozen reductions whose 0-d results
+stay where they are; nothing synchronised, nothing moved to the host. Once per step all
 rows are stacked and finalized together in float64 (:func:`finalize`) and
 merged per record by adding counts, sums and sums of squares, so the result is
 the statistic of all values seen together, never an average of per-batch
@@ -87,13 +88,17 @@ def scratch(like: torch.Tensor, n: int) -> torch.Tensor:
 class RowStore:
     """Raw rows of many tensors: 0-d results on their device, stacked into one matrix per step.
 
-    A hook calls :meth:`reduce` on a tensor: a dozen device operations whose
-    results stay where they are, nothing moved to the host and nothing waited
-    for. Rows are numbered in the order they are written; :meth:`numels` holds
-    each row's element count (Python integers) and :meth:`collect` stacks every
-    row, in one operation, into a float64 matrix on the device for :func:`finalize`.
+    A hook calls :meth:`reduce` on a tensor; nothing is moved to the host and
+    nothing waited for. Rows are numbered in the order they are written;
+    :meth:`numels` holds each row's element count (Python integers) and
+    :meth:`collect` stacks every row into a float64 matrix on the device for
+    :func:`finalize`.
 
-    Per chunk of at most :data:`CHUNK` values: ``aminmax``; ``(x - c) * k`` into
+    A float32 CPU tensor whose values fill a block of memory is read once by
+    ``actstats._native.moments``, which writes one float64 row (shift ``c``,
+    scale 1, shifted sums, min, max, counts: the same conventions) straight into
+    the open block of kernel rows. Any other tensor, per chunk of at most
+    :data:`CHUNK` values, takes a dozen device operations: ``aminmax``; ``(x - c) * k`` into
     a scratch buffer, with ``c`` the first value (zero when not finite), so that
     a large mean does not cancel the variance away in the float32 sum of
     squares, and ``k = 1 / (max - min)``, so that ``|x - c| * k <= 1`` and the
