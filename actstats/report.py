@@ -71,7 +71,7 @@ class Histogram:
     def finite(self) -> bool:
         """Whether every figure is finite and there is at least one value (what TensorBoard can draw)."""
         figures = (self.min, self.max, self.num, self.sum, self.sum_squares, *self.counts)
-        return self.num > 0 and all(math.isfinite(v) for v in figures)
+        return self.num > 0 and all(map(math.isfinite, figures))
 
     def bucket_limits(self) -> list[float]:
         """The right edge of each bin: TensorBoard's ``bucket_limit`` (``len(counts)`` values).

@@ -358,15 +358,9 @@ def _without_empty_runs(limits: list[float], counts: list[float]) -> tuple[list[
     The same histogram, fewer bytes: a bucket spans from the previous limit to
     its own, so a merged empty bucket covers exactly the empty range.
     """
-    kept_limits: list[float] = []
-    kept_counts: list[float] = []
-    for limit, count in zip(limits, counts):
-        if count == 0 and kept_counts and kept_counts[-1] == 0:
-            kept_limits[-1] = limit
-        else:
-            kept_limits.append(limit)
-            kept_counts.append(count)
-    return kept_limits, kept_counts
+    last = len(counts) - 1
+    kept = [i for i in range(last + 1) if counts[i] or i == last or counts[i + 1]]  # a run keeps its last
+    return [limits[i] for i in kept], [counts[i] for i in kept]
 
 
 def flags_markdown(flags: Sequence[Flag]) -> str:
