@@ -134,9 +134,9 @@ class RowStore:
                saturation: tuple[float, float] | None = None, eps: float = 0.0) -> list[int]:
         """Write the raw rows of ``x`` (one per chunk; none when it is empty); return their numbers.
 
-        A dense float32 CPU tensor is read once by the compiled kernel (one row,
-        sums in float64, see :mod:`actstats.native`); anything else goes through
-        the PyTorch operations described above.
+        A float32 CPU tensor whose values fill a block of memory is read once by
+        the compiled kernel (one row, whatever its size; see :mod:`actstats.native`);
+        anything else goes through the PyTorch operations described above.
 
         Args:
             x: any floating tensor, on any device (fp16/bf16 are reduced in float32).
