@@ -280,3 +280,39 @@ def test_values_just_below_the_float64_fallback_do_not_overflow(layout):
     assert act.nonfinite == 0
     assert act.rms == pytest.approx(float(union.square().mean().sqrt()), rel=1e-6)
     assert act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
+
+
+def _rows_on(path_enabled, tensors, monkeypatch, **kw):
+    monkeypatch.setattr(native, "enabled", path_enabled)
+    store = stats.RowStore()
+    numbers = [store.reduce(t, **kw) for t in tensors]
+    rows = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    return [rows[n].sum(0) if len(n) > 1 else rows[n[0]] for n in numbers]  # chunks of the torch path added
+
+
+@pytest.mark.parametrize("saturation", [None, (0.0, 1.0)])
+def test_kernel_rows_equal_the_pytorch_rows(monkeypatch, saturation):
+    # both paths on the same tensors (blocks of 512 and their edges, zeros, NaN, Inf, saturation)
+    if native.kernels is None:
+        pytest.fail("the compiled kernels are not built")
+    gen = torch.Generator().manual_seed(9)
+    tensors = []
+    for n in [1, 2, 7, 511, 512, 513, 1025, 5000]:
+        x = torch.randn(n, generator=gen) * 3 + 0.5
+        x[torch.rand(n, generator=gen) < 0.2] = 0.0
+        tensors.append(x)
+    specials = torch.randn(2000, generator=gen)
+    specials[[3, 700, 1999]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    tensors += [specials, torch.full((600,), float("inf")), torch.zeros(1000), torch.sigmoid(torch.randn(3000))]
+    kw = {"zeros": True, "saturation": saturation, "eps": 0.01}
+    kernel, reference = _rows_on(True, tensors, monkeypatch, **kw), _rows_on(False, tensors, monkeypatch, **kw)
+    for x, k, r in zip(tensors, kernel, reference):
+        exact = [stats.F_N, stats.F_ZEROS, stats.F_NONFINITE, stats.F_SATURATED, stats.F_MIN, stats.F_MAX]
+        assert torch.allclose(k[exact], r[exact], rtol=0.0, atol=0.0, equal_nan=True)  # counts and extremes
+        values = x.double()
+        for column, truth in ((stats.F_SUM, values.sum()), (stats.F_SUMSQ, values.square().sum())):
+            if torch.isfinite(values).all():  # both within float32 summation error of the float64 sums
+                assert float(k[column]) == pytest.approx(float(truth), rel=1e-5, abs=1e-9)
+                assert float(r[column]) == pytest.approx(float(truth), rel=1e-5, abs=1e-9)
+            else:
+                assert math.isnan(k[column]) and math.isnan(r[column])
