@@ -214,14 +214,20 @@ static void moments_units_f32(const float *x, int64_t outer, int64_t units, int6
     }
 }
 
+/* False, with a TypeError set, unless a kernel got `expected` (or `also`) arguments. */
+static int argument_count(const char *kernel, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t also) {
+    if (nargs == expected || nargs == also)
+        return 1;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", kernel, expected, nargs);
+    return 0;
+}
+
 /* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
  * out_ptr -> 8 float64; with the unit arguments, x is [outer, units, inner] and units_ptr -> `units`
  * float32 maxima (NaN for a unit that saw a NaN, as amax gives), written or fmax-merged. */
 static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7 && nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "moments takes 7 or 12 arguments");
+    if (!argument_count("moments", nargs, 7, 12))
         return NULL;
-    }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     int64_t n = PyLong_AsLongLong(args[1]);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
@@ -291,10 +297,8 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* sums(x_ptr, n, out_ptr): out_ptr -> 8 float64: shift c, scale 1, sum(x - c), sum((x - c)^2) in
  * float64, then zeros (no min, max or counts: for weights; NaN or Inf make the sums NaN or Inf). */
 static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "sums takes 3 arguments");
+    if (!argument_count("sums", nargs, 3, 3))
         return NULL;
-    }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     int64_t n = PyLong_AsLongLong(args[1]);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
@@ -330,10 +334,8 @@ static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, 
 
 /* histogram(x_ptr, n, bounds_ptr, bins, counts_ptr): bounds -> 2 float64, counts -> bins float64 */
 static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "histogram takes 5 arguments");
+    if (!argument_count("histogram", nargs, 5, 5))
         return NULL;
-    }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     int64_t n = PyLong_AsLongLong(args[1]);
     const double *bounds = (const double *)PyLong_AsVoidPtr(args[2]);
@@ -387,10 +389,8 @@ static int row_differs_f32(const float *row, const float *first, int64_t width) 
 
 /* rows_equal(x_ptr, rows, width) -> bool: every row of [rows, width] equals the first */
 static PyObject *py_rows_equal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "rows_equal takes 3 arguments");
+    if (!argument_count("rows_equal", nargs, 3, 3))
         return NULL;
-    }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     int64_t rows = PyLong_AsLongLong(args[1]);
     int64_t width = PyLong_AsLongLong(args[2]);

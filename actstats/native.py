@@ -25,23 +25,21 @@ except ImportError:  # built without a C compiler
 enabled: bool = kernels is not None and os.environ.get("ACTSTATS_NATIVE", "1") != "0"
 
 
+def _plain_float32_cpu(x: torch.Tensor) -> bool:
+    """A plain strided float32 CPU tensor (no subclass, no lazy negation bit), with the kernels on."""
+    return enabled and x.dtype == torch.float32 and x.is_cpu and type(x) is torch.Tensor \
+        and x.layout == torch.strided and not x.is_neg()
+
+
 def dense_float32_cpu(x: torch.Tensor) -> bool:
     """True when a kernel may read ``x`` as ``x.numel()`` float32 values from ``x.data_ptr()``.
 
     That is a plain float32 CPU tensor whose values fill a block of memory in
     some order (contiguous, channels-last, or a permutation of dimensions such
     as the transposed output of ``nn.MultiheadAttention``: the statistics do not
-    depend on the order of the values), without a lazy negation bit.
+    depend on the order of the values).
     """
-    return (
-        enabled
-        and x.dtype == torch.float32
-        and x.is_cpu
-        and type(x) is torch.Tensor
-        and x.layout == torch.strided
-        and (x.is_contiguous() or _permuted_dense(x))
-        and not x.is_neg()
-    )
+    return _plain_float32_cpu(x) and (x.is_contiguous() or _permuted_dense(x))
 
 
 def _permuted_dense(x: torch.Tensor) -> bool:
@@ -56,5 +54,4 @@ def _permuted_dense(x: torch.Tensor) -> bool:
 
 def row_major_float32_cpu(x: torch.Tensor) -> bool:
     """True when a kernel may read ``x`` in its logical (row-major) order."""
-    return enabled and x.dtype == torch.float32 and x.is_cpu and type(x) is torch.Tensor \
-        and x.layout == torch.strided and x.is_contiguous() and not x.is_neg()
+    return _plain_float32_cpu(x) and x.is_contiguous()
