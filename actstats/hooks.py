@@ -511,8 +511,8 @@ class Recorder:
         """A record's histogram range: its hint when there is a usable one, else the min/max of ``rows``."""
         hint = self.range_hints.get(name, (None, None))[which]
         if hint is not None and all(map(_finite, hint)) and hint[1] > hint[0]:
-            return torch.tensor(hint, dtype=torch.float64, device=device)
-        return stats.histogram_range(self.store.extremes(rows))
+            return stats.to_device(list(hint), torch.float64, device)
+        return stats.histogram_range(self.store.extremes(rows, device))
 
     def _grad_hook(self, state: RecordState):
         generation = self.generation
@@ -566,13 +566,14 @@ class Recorder:
         device = self._device if self._device is not None else torch.device("cpu")
         # All rows are finalized together, then reduced per record with index_add /
         # scatter_reduce: a fixed number of device operations per step, whatever the number of
-        # layers. Row counts and owners (Python integers) reach the device in one copy.
+        # layers. Row counts and owners (Python integers) reach the device in one copy that does not
+        # wait for it (stats.to_device).
         n_rec = len(states)
         act_rows, act_owner = _columns(self._act_rows)
         in_rows, in_owner = _columns(self._input_rows)
         grad_rows, grad_owner = _columns(self._grad_rows)
-        meta = torch.tensor(self.store.numels() + act_rows + act_owner + in_rows + in_owner
-                            + grad_rows + grad_owner + self._root_rows, dtype=torch.float64).to(device)
+        meta = stats.to_device(self.store.numels() + act_rows + act_owner + in_rows + in_owner
+                               + grad_rows + grad_owner + self._root_rows, torch.float64, device)
         numels, act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t = meta.split(
             [len(self.store), len(act_rows), len(act_rows), len(in_rows), len(in_rows),
              len(grad_rows), len(grad_rows), len(self._root_rows)])
@@ -586,7 +587,7 @@ class Recorder:
         grad, grad_owner_t = final.index_select(0, grad_rows_t.long()), grad_owner_t.long()
         grad_sums = stats.sum_by_owner(grad, grad_owner_t, n_rec, _ROW_GRAD)
         grad_high, grad_low = _extremes(grad, grad_owner_t, n_rec)
-        inputs = final.index_select(0, root_rows_t.long())[:, _ROW_ROOT].sum(0)
+        inputs = stats.select_columns(final.index_select(0, root_rows_t.long()), _ROW_ROOT).sum(0)
         sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
         maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
         for s in states:  # per-record extras: alive-unit masks and histograms

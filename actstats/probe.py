@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from actstats import inputs as inputs_mod
+from actstats import stats
 from actstats.diagnose import Thresholds, diagnose, following_activations
 from actstats.errors import ForwardError, InputError, NothingToHookError
 from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
@@ -259,7 +260,7 @@ def _backpropagate(root: nn.Module, output: Any, generator: torch.Generator, dev
     if not leaves:
         return "no parameter requires grad; probed forward only (no gradient statistics)"
     cotangents = [
-        torch.randn(t.shape, generator=generator, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        stats.host_to_device(torch.randn(t.shape, generator=generator, dtype=torch.float32), t.device).to(t.dtype)
         for t in outs
     ]
     try:

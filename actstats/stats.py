@@ -68,6 +68,23 @@ CHUNK = 1 << 20
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Python numbers as a 1-D tensor on ``device``, without waiting for the device.
+
+    A plain copy from pageable host memory to a CUDA device synchronises with the
+    host; this one goes through pinned memory, non-blocking (PyTorch's pinned-memory
+    cache keeps the host copy until the transfer is done).
+    """
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor copied to ``device`` without waiting for it (pinned and non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def chunks(x: torch.Tensor) -> list[torch.Tensor]:
     """``x`` flattened, in pieces of at most :data:`CHUNK` values (one view when it fits; none when empty)."""
     flat = x.reshape(-1)
@@ -237,7 +254,7 @@ class RowStore:
             return block
         stacked = _stack_rows([rows[i] for i in written])
         block = block.to(stacked.device)  # a model split across devices; a copy
-        index = torch.tensor(written, device=stacked.device)
+        index = to_device(written, torch.long, stacked.device)
         return block.index_copy(0, index, stacked.to(torch.float64))
 
     def moments(self, x: torch.Tensor) -> list[int]:
@@ -275,10 +292,10 @@ class RowStore:
             found = self._constants[key] = torch.full((), value, dtype=like.dtype, device=like.device)
         return found
 
-    def extremes(self, rows: list[int]) -> torch.Tensor:
-        """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` for no rows)."""
+    def extremes(self, rows: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` on ``device`` for no rows)."""
         if not rows:
-            return torch.tensor([math.nan, math.nan], dtype=torch.float64)
+            return torch.full((2,), math.nan, dtype=torch.float64, device=device)
         both = torch.stack([self._extremes(r) for r in rows])
         return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
 
@@ -332,9 +349,14 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     return torch.stack([numels, total, sumsq, raw[:, R_ZEROS], nonfinite, raw[:, R_SATURATED], low, high], dim=1)
 
 
+def select_columns(rows: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """``rows[:, columns]`` without copying the list to the device (which synchronises on CUDA)."""
+    return torch.stack([rows[:, c] for c in columns], dim=1)
+
+
 def sum_by_owner(rows: torch.Tensor, owner: torch.Tensor, n_owners: int, columns: list[int]) -> torch.Tensor:
     """Sum ``columns`` of finalized ``rows`` per owner (``owner[i]`` owns row ``i``): ``[n_owners, len(columns)]``."""
-    return rows.new_zeros(n_owners, len(columns)).index_add_(0, owner, rows[:, columns])
+    return rows.new_zeros(n_owners, len(columns)).index_add_(0, owner, select_columns(rows, columns))
 
 
 def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: int) -> torch.Tensor:
@@ -377,8 +399,8 @@ def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
     """
     low, high = minmax[0], minmax[1]
     ok = torch.isfinite(low) & torch.isfinite(high)
-    low = torch.where(ok, low, low.new_tensor(-1.0))
-    high = torch.where(ok, high, high.new_tensor(1.0))
+    low = torch.where(ok, low, -1.0)  # a Python number: no host-to-device copy
+    high = torch.where(ok, high, 1.0)
     flat = high <= low
     return torch.stack([torch.where(flat, low - 0.5, low), torch.where(flat, low + 0.5, high)])
 

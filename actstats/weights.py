@@ -126,9 +126,9 @@ def weight_figures(modules: Sequence[nn.Module], *,
     if not layout:
         return None, lambda host: {}
     device = firsts[0].device
-    numels = torch.tensor(store.numels(), dtype=torch.float64).to(device)
+    numels = stats.to_device(store.numels(), torch.float64, device)
     final = stats.finalize(store.collect(device), numels)
-    owner = torch.tensor(owners, dtype=torch.long).to(device)
+    owner = stats.to_device(owners, torch.long, device)
     per_part = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ])
     n, total, sumsq = per_part.unbind(1)
     mean, mean_square = total / n, sumsq / n

@@ -3,8 +3,9 @@
     python benchmarks/overhead.py                        # 20 steps after 3 warm-up, all methods
     python benchmarks/overhead.py --steps 3 --warmup 1 --no-rss --workloads mlp --json out.json
     python benchmarks/overhead.py --scale                # probe a 1000-layer MLP and a GPT-2-small
+    python benchmarks/overhead.py --device cuda          # the same on a GPU (peak CUDA memory instead of RSS)
 
-Workloads, seeded, on CPU with ``torch.set_num_threads(--threads)`` (2): ``cnn``
+Workloads, seeded, on CPU (``--device``) with ``torch.set_num_threads(--threads)`` (2): ``cnn``
 a ResNet-18 layout with widths 32-64-128-256 on 64 x 3x32x32, ``mlp`` 24 x
 (Linear(1024, 1024) + ReLU) on 256 x 1024, ``transformer`` 4 encoder layers
 (d_model 256, 4 heads, ffn 1024) on 16 x 128 x 256. A step is the forward and
@@ -34,6 +35,13 @@ a fresh process per method and workload (1 warm-up + 5 steps; ``--no-rss``
 skips it), run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows the
 memory in use, and with sympy imported first: torch imports it (about 30 MB)
 on the first ``autograd.grad`` given output gradients, as the probe's is.
+
+On CUDA (``--device cuda``) a timed step starts and ends with
+``torch.cuda.synchronize()``, and memory is the peak of
+``torch.cuda.max_memory_allocated`` over each method's own steps (1 warm-up + 3,
+in this process, one method after the other), above what was allocated before
+them. ``--batch-scale K`` multiplies every batch by K (a GPU step at the
+default sizes is mostly kernel launches).
 """
 
 from __future__ import annotations
@@ -135,12 +143,19 @@ SCALE: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def build(workload: str) -> tuple[nn.Module, torch.Tensor]:
-    """The model (train mode) and its one input batch, both seeded."""
+def build(workload: str, device: str = "cpu", batch_scale: int = 1) -> tuple[nn.Module, torch.Tensor]:
+    """The model (train mode) and its one input batch (batch multiplied by ``batch_scale``), seeded, on ``device``."""
     factory, shape = {**WORKLOADS, **SCALE}[workload]
     torch.manual_seed(0)
-    model = factory().train()
-    return model, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    model = factory().train().to(device)
+    shape = (shape[0] * batch_scale, *shape[1:])
+    return model, torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def first_tensor(out: Any) -> torch.Tensor | None:
@@ -255,7 +270,8 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor, contextlib.ExitStack, str]
 # --- measuring -------------------------------------------------------------------------
 
 
-def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int, device: str = "cpu",
+                     batch_scale: int = 1) -> dict[str, list[float]]:
     """Seconds per step of each method, repetitions interleaved in a shuffled order.
 
     The order is shuffled (seeded) every repetition, so that no method always
@@ -263,7 +279,7 @@ def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int)
     threads in a state the next one pays for). As in ``timeit``, Python's cyclic
     garbage collector is off during a timed step and runs between steps.
     """
-    model, x = build(workload)
+    model, x = build(workload, device, batch_scale)
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     order = random.Random(0)
     with contextlib.ExitStack() as stack:
@@ -279,8 +295,10 @@ def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int)
                     twin, step = runners[m]
                     gc.collect()
                     gc.disable()
+                    synchronize(device)
                     start = time.perf_counter()
                     step()
+                    synchronize(device)
                     elapsed = time.perf_counter() - start
                     gc.enable()
                     twin.zero_grad(set_to_none=True)
@@ -291,22 +309,52 @@ def time_interleaved(workload: str, methods: list[str], steps: int, warmup: int)
     return seconds
 
 
-def single(method: str, workload: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Run one method alone (the ``--single`` child): its times, records and peak RSS."""
+def cuda_peaks(workload: str, methods: list[str], device: str, batch_scale: int) -> dict[str, float]:
+    """Per method, the peak CUDA memory (MB) of 1 warm-up + 3 steps above what was allocated before them."""
+    model, x = build(workload, device, batch_scale)
+    peaks = {}
+    for m in methods:
+        with contextlib.ExitStack() as stack:
+            twin = copy.deepcopy(model)
+            step = METHODS[m](twin, x, stack, stack.enter_context(tempfile.TemporaryDirectory()))
+            synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(4):
+                step()
+                twin.zero_grad(set_to_none=True)
+            synchronize(device)
+            peaks[m] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        del twin, step
+        gc.collect()
+    return peaks
+
+
+def single(method: str, workload: str, steps: int, warmup: int, device: str = "cpu") -> dict[str, Any]:
+    """Run one method alone (the ``--single`` child): its times, records, peak RSS (and CUDA memory)."""
     importlib.import_module("torch.fx.experimental.symbolic_shapes")  # sympy: see the docstring
-    model, x = build(workload)
+    model, x = build(workload, device)
     before = peak_rss_mb()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        synchronize(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     seconds, result = [], None
     with contextlib.ExitStack() as stack:
         step = METHODS[method](model, x, stack, stack.enter_context(tempfile.TemporaryDirectory()))
         for rep in range(warmup + steps):
+            synchronize(device)
             start = time.perf_counter()
             result = step()
+            synchronize(device)
             if rep >= warmup:
                 seconds.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
     out: dict[str, Any] = {"method": method, "workload": workload, "seconds": seconds,
                            "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_before_steps": before}
+    if cuda:
+        out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
     if isinstance(result, actstats.Report):
         out["records"] = len(result.layers)
     if workload in SCALE and method == "plain":
@@ -342,7 +390,7 @@ def saved_for_backward_mb(model: nn.Module, x: torch.Tensor) -> float:
 def in_subprocess(method: str, workload: str, args: argparse.Namespace, steps: int, warmup: int) -> dict[str, Any]:
     """Run ``--single`` in a fresh Python and return what it printed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--single", method, "--workload", workload,
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads)]
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads), "--device", args.device]
     # Large blocks straight from mmap, so that glibc hands freed tensors back at once and peak RSS
     # follows the memory in use rather than what the allocator happened to keep.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -355,11 +403,14 @@ def in_subprocess(method: str, workload: str, args: argparse.Namespace, steps: i
 # --- output ----------------------------------------------------------------------------
 
 
-def machine_line(threads: int) -> str:
+def machine_line(threads: int, device: str = "cpu") -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs; torch.set_num_threads({threads}); "
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        gpu = f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); "
+    return (f"machine: {gpu}{cpu}, {os.cpu_count()} logical CPUs; torch.set_num_threads({threads}); "
             f"torch {torch.__version__}, actstats {actstats.__version__}, Python {sys.version.split()[0]}")
 
 
@@ -395,14 +446,16 @@ def run_scale(args: argparse.Namespace) -> None:
         "probe peak RSS MB": lambda p, q: f"{q['peak_rss_mb']:.0f}",
         "probe - plain MB": lambda p, q: f"{q['peak_rss_mb'] - p['peak_rss_mb']:+.0f}",
     }
+    if torch.device(args.device).type == "cuda":
+        columns["probe - plain CUDA MB"] = lambda p, q: f"{q['peak_cuda_mb'] - p['peak_cuda_mb']:+.0f}"
     print("actstats.probe(model, x, batches=1) against a plain forward+backward: median of 3 calls "
           "after one warm-up, each in a fresh process\n")
     print(markdown(list(SCALE), list(columns),
                    lambda w, c: columns[c](results[w]["plain"], results[w]["actstats_probe"]), corner="model"))
-    print("\n" + machine_line(args.threads))
+    print("\n" + machine_line(args.threads, args.device))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(args.threads), "scale": results}, f, indent=1)
+            json.dump({"machine": machine_line(args.threads, args.device), "scale": results}, f, indent=1)
 
 
 def main() -> None:
@@ -413,18 +466,27 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated (default all): " + ", ".join(METHODS))
     parser.add_argument("--json", metavar="PATH", help="write every raw timing here")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device such as cuda or cuda:0")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply every batch by this (default 1)")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
                         help="peak RSS per method, each in its own process (default on)")
     parser.add_argument("--scale", action="store_true", help="probe a 1000-layer MLP and a GPT-2-small instead")
     parser.add_argument("--single", choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=[*WORKLOADS, *SCALE], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error(f"need --steps >= 1, --warmup >= 0, --threads >= 1; got {args.steps}, {args.warmup}, "
-                     f"{args.threads}")
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.batch_scale < 1:
+        parser.error(f"need --steps >= 1, --warmup >= 0, --threads >= 1, --batch-scale >= 1; got {args.steps}, "
+                     f"{args.warmup}, {args.threads}, {args.batch_scale}")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r} is not available here; use cpu" +
+                     (" or cuda" if torch.cuda.is_available() else ""))
     torch.set_num_threads(args.threads)
     if args.single:
-        print(json.dumps(single(args.single, args.workload or "mlp", args.steps, args.warmup)))
+        print(json.dumps(single(args.single, args.workload or "mlp", args.steps, args.warmup, args.device)))
         return
     if args.scale:
         run_scale(args)
@@ -438,7 +500,8 @@ def main() -> None:
         notes.append("fastai is not installed: fastai_activationstats skipped")
     if "plain" not in methods:
         methods.insert(0, "plain")  # every ratio is to plain
-    times = {w: time_interleaved(w, methods, args.steps, args.warmup) for w in workloads}
+    times = {w: time_interleaved(w, methods, args.steps, args.warmup, args.device, args.batch_scale)
+             for w in workloads}
     summary = {w: {m: {"seconds": s, "median": statistics.median(s), "min": min(s)} for m, s in t.items()}
                for w, t in times.items()}
     for per in summary.values():
@@ -446,23 +509,33 @@ def main() -> None:
             r["ratio"] = r["median"] / per["plain"]["median"]
             r["min_ratio"] = r["min"] / per["plain"]["min"]
 
-    print(f"step time / plain, median (min) of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+    scaled = f", batches x{args.batch_scale}" if args.batch_scale > 1 else ""
+    print(f"step time / plain on {args.device}{scaled}, median (min) of {args.steps} interleaved steps "
+          f"after {args.warmup} warm-up\n")
     plain_ms = ["plain median ms", *(f"{summary[w]['plain']['median'] * 1e3:.1f}" for w in workloads)]
     ratio = "{0[ratio]:.2f}x ({0[min_ratio]:.2f}x)".format
     print(markdown(methods, workloads, lambda m, w: ratio(summary[w][m]), plain_ms))
     rss: dict[str, dict[str, Any]] = {}
-    if args.rss:
+    cuda_mb: dict[str, dict[str, float]] = {}
+    if args.rss and kind == "cuda":
+        cuda_mb = {w: cuda_peaks(w, methods, args.device, args.batch_scale) for w in workloads}
+        print("\npeak CUDA memory (MB) of each method's steps above what was allocated before them, "
+              "(difference to plain)\n")
+        print(markdown(methods, workloads,
+                       lambda m, w: f"{cuda_mb[w][m]:.1f} ({cuda_mb[w][m] - cuda_mb[w]['plain']:+.1f})"))
+    elif args.rss:
         rss = {w: {m: in_subprocess(m, w, args, 5, 1) for m in methods} for w in workloads}
         peak = {w: {m: r["peak_rss_mb"] for m, r in per.items()} for w, per in rss.items()}
         print("\npeak RSS (MB) of each method alone in a fresh process, (difference to plain)\n")
         print(markdown(methods, workloads, lambda m, w: f"{peak[w][m]:.1f} ({peak[w][m] - peak[w]['plain']:+.1f})"))
-    print("\n" + machine_line(args.threads))
+    print("\n" + machine_line(args.threads, args.device))
     for note in notes:
         print("note: " + note)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(args.threads), "steps": args.steps, "warmup": args.warmup,
-                       "timings": summary, "rss": rss, "notes": notes}, f, indent=1)
+            json.dump({"machine": machine_line(args.threads, args.device), "device": args.device,
+                       "batch_scale": args.batch_scale, "steps": args.steps, "warmup": args.warmup,
+                       "timings": summary, "rss": rss, "cuda_memory_mb": cuda_mb, "notes": notes}, f, indent=1)
 
 
 if __name__ == "__main__":
