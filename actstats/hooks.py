@@ -573,12 +573,12 @@ class Recorder:
         in_rows, in_owner = _columns(self._input_rows)
         grad_rows, grad_owner = _columns(self._grad_rows)
         meta = stats.to_device(self.store.numels() + act_rows + act_owner + in_rows + in_owner
-                               + grad_rows + grad_owner + self._root_rows, torch.float64, device)
+                               + grad_rows + grad_owner + self._root_rows, torch.long, device)
         numels, act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t = meta.split(
             [len(self.store), len(act_rows), len(act_rows), len(in_rows), len(in_rows),
              len(grad_rows), len(grad_rows), len(self._root_rows)])
-        final = stats.finalize(self.store.collect(device), numels)
-        act, act_owner_t = final.index_select(0, act_rows_t.long()), act_owner_t.long()
+        final = stats.finalize(self.store.collect(device), numels.double())
+        act, act_owner_t = final.index_select(0, act_rows_t.long()), act_owner_t.long()  # already int64: no copy
         act_sums = torch.cat([
             stats.sum_by_owner(act, act_owner_t, n_rec, _ROW_ACT),
             stats.sum_by_owner(final.index_select(0, in_rows_t.long()), in_owner_t.long(), n_rec, _ROW_INPUT),
@@ -590,9 +590,11 @@ class Recorder:
         inputs = stats.select_columns(final.index_select(0, root_rows_t.long()), _ROW_ROOT).sum(0)
         sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
         maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
+        maxima = [s.unit_max for s in states if s.unit_max is not None]
+        alive = iter((stats.join(maxima, device) > 0).double().split([m.numel() for m in maxima]) if maxima else ())
         for s in states:  # per-record extras: alive-unit masks and histograms
             if s.unit_max is not None:
-                maxes.append((s.unit_max > 0).to(device, torch.float64))
+                maxes.append(next(alive))
             if s.act_hist is not None:
                 sums.append(s.act_hist.to(device))
                 maxes.append(s.act_range.to(device))  # type: ignore[union-attr]

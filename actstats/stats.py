@@ -34,11 +34,13 @@ ACT_WIDTH = 10
 # Columns of a gradient partial, as merged per record (min and max travel separately).
 G_N, G_SUM, G_SUMSQ, G_NONFINITE = range(4)
 
-# What a hook writes per tensor (a "raw" row, in the tensor's float dtype): its first value
-# c (the shift), a scale k, the sums of (x - c) * k and of its square,
-# min, max, the zero count and the saturated count. Element counts are Python integers kept
-# beside the rows (exact, and no device work); :func:`finalize` takes shift and scale out
-# and decodes the non-finite count.
+# What a hook writes per tensor (a "raw" row): a shift c, a scale k, the sums of (x - c) * k
+# and of its square, min, max, the zero count and the saturated count. Element counts are
+# Python integers kept beside the rows (exact, and no device work); :func:`finalize` takes
+# shift and scale out and decodes the non-finite count. Two kinds of rows share the layout:
+# the compiled kernels' (c the first value, k >= 0) and the PyTorch operations' "Welford"
+# rows (k = WELFORD < 0: c the mean, the sum of x - c zero, the sum of squares the squared
+# deviations from the mean, and the count of values that are not zero in the zeros column).
 R_SHIFT, R_SCALE, R_SUM, R_SUMSQ, R_MIN, R_MAX, R_ZEROS, R_SATURATED = range(8)
 RAW_WIDTH = 8
 # Columns of a finalized row (float64), see :func:`finalize`.
@@ -49,6 +51,12 @@ FINAL_WIDTH = 8
 #: a row whose min or max is not finite has its finite values scaled to zero, so its sum is
 #: ``MARK * count``, from which :func:`finalize` reads the count back.
 MARK = 2.0 ** 100
+#: The scale of a Welford row (any negative number would do: kernels' scales are >= 0).
+WELFORD = -1.0
+#: Welford rows replace non-finite values by this mark (in float64) before taking the mean:
+#: finite float32 values sum to less than 2**149 per chunk, so ``round(n * mean / MARK64)``
+#: is the count when the row's min or max is not finite.
+MARK64 = 2.0 ** 200
 _ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
 
@@ -92,14 +100,43 @@ def chunks(x: torch.Tensor) -> list[torch.Tensor]:
     return [flat] if 0 < n <= CHUNK else [flat[i:i + CHUNK] for i in range(0, n, CHUNK)]
 
 
-def scratch(like: torch.Tensor, n: int) -> torch.Tensor:
-    """A reused 1-D buffer of ``n <= CHUNK`` values in ``like``'s device and dtype (contents undefined)."""
-    key = (like.device, like.dtype)
+def scratch(like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A reused 1-D buffer of ``n <= CHUNK`` values on ``like``'s device, in ``dtype`` (default
+    ``like``'s; contents undefined)."""
+    key = (like.device, dtype or like.dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(min(max(n, 1 << 16), CHUNK), dtype=like.dtype, device=like.device)
+        buf = torch.empty(min(max(n, 1 << 16), CHUNK), dtype=key[1], device=like.device)
         _scratch[key] = buf
     return buf[:n]
+
+
+#: Tensors on the CPU take shifted rows unless this is set (the tests set it to run
+#: the Welford rows, which CUDA tensors take, on the CPU).
+welford_on_cpu = False
+
+
+def _welford(device: torch.device) -> bool:
+    """Whether a tensor on ``device`` takes Welford rows (few operations) rather than shifted rows."""
+    return device.type != "cpu" or welford_on_cpu
+
+
+_constants: dict[tuple[torch.device, float], torch.Tensor] = {}
+
+
+def constant(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float64 tensor on ``device`` (rows' constant entries: no device work per row).
+
+    The cache holds a few entries per device (0, :data:`WELFORD` and one element
+    count per tensor size); it is emptied past 4096 entries.
+    """
+    key = (device, value)
+    found = _constants.get(key)
+    if found is None:
+        if len(_constants) >= 4096:
+            _constants.clear()
+        found = _constants[key] = torch.full((), value, dtype=torch.float64, device=device)
+    return found
 
 
 class RowStore:
@@ -112,21 +149,32 @@ class RowStore:
     :func:`finalize`.
 
     A float32 CPU tensor whose values fill a block of memory is read once by
-    ``actstats._native.moments``, which writes one float64 row (shift ``c``,
-    scale 1, shifted sums, min, max, counts: the same conventions) straight into
-    the open block of kernel rows. Any other tensor, per chunk of at most
-    :data:`CHUNK` values, takes a dozen device operations: ``aminmax``; ``(x - c) * k`` into
-    a scratch buffer, with ``c`` the first value (zero when not finite), so that
-    a large mean does not cancel the variance away in the float32 sum of
-    squares, and ``k = 1 / (max - min)``, so that ``|x - c| * k <= 1`` and the
-    sum of squares can neither overflow nor underflow (``k = 1`` for a constant
-    tensor, which stays exact: ``x - c`` is zero; ``k = 0`` when min or max is
-    not finite, so that the row's sum holds the marks alone); its non-finite
-    values replaced by :data:`MARK`; then ``sum`` and
-    ``dot``. The zero count is the sum of ``x == 0``; the saturated count the
-    sum of ``|x - mid| >= half - eps``. Sums run in the tensor's own float
-    precision (PyTorch's cascade summation; a float64 ``dtype=`` would cost a
-    conversion copy on CPU).
+    ``actstats._native.moments``, which writes one float64 row (shift ``c`` the
+    first value, scale 1, shifted sums, min, max, counts) straight into the open
+    block of kernel rows. Any other tensor goes, per chunk of at most
+    :data:`CHUNK` values, through PyTorch operations, in one of two ways:
+
+    * Off the CPU (CUDA), where a small step is bound by kernel launches, five
+      operations: ``aminmax``; a copy into a float64 scratch buffer with its
+      non-finite values replaced by :data:`MARK64`; ``var_mean`` of that copy
+      (float64: squares of float32 values neither overflow nor underflow, and the
+      mean does not cancel the variance away); and ``count_nonzero`` for the
+      zero count. A "Welford" row: scale :data:`WELFORD`, shift the mean, the sum
+      of squared deviations in the sum-of-squares column (``correction = n - 1``
+      divides it by one).
+    * On the CPU (float64, strided views, or kernels not built), where passes
+      over memory cost more than operations, a dozen float32 operations:
+      ``aminmax``; ``(x - c) * k`` into a scratch buffer, with ``c`` the first
+      value (zero when not finite), so that a large mean does not cancel the
+      variance away in the float32 sum of squares, and ``k = 1 / (max - min)``,
+      so that ``|x - c| * k <= 1`` and the sum of squares can neither overflow
+      nor underflow (``k = 1`` for a constant tensor, which stays exact: ``x - c``
+      is zero; ``k = 0`` when min or max is not finite, so that the row's sum
+      holds the marks alone); its non-finite values replaced by :data:`MARK`;
+      then ``sum`` and ``dot`` (PyTorch's cascade summation). The zero count is
+      the sum of ``x == 0``.
+
+    The saturated count, for sigmoid and tanh, is the sum of ``|x - mid| >= half - eps``.
     """
 
     #: Rows are stacked into one tensor every ``BLOCK`` rows, so that a model with
@@ -138,7 +186,6 @@ class RowStore:
         self._rows: list[tuple[torch.Tensor, ...] | None] = []  # rows not in a block yet, after the blocks
         self._native: torch.Tensor | None = None  # [BLOCK, RAW_WIDTH] float64 on the CPU, kernels' rows
         self._numels: list[int] = []
-        self._constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._numels)
@@ -211,23 +258,31 @@ class RowStore:
         return self._append(None, n), address
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
+        """One chunk's row: a Welford row off the CPU, a shifted row on it (see the class docstring)."""
         n = flat.numel()
         low, high = torch.aminmax(flat)
-        shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
-        scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
-        buf = scratch(flat, n)
-        torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
-        total = buf.sum()
-        squares = torch.dot(buf, buf)
-        zero = self._zeros(flat) if not zeros or saturation is None else None
-        zero_count = torch.eq(flat, 0, out=buf).sum() if zeros else zero
+        zero = constant(0.0, flat.device)
+        if _welford(flat.device):
+            wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
+            squares, mean = torch.var_mean(wide, correction=n - 1)  # the sum of squared deviations
+            nonzero = torch.count_nonzero(flat) if zeros else constant(float(n), flat.device)
+            head = (mean, constant(WELFORD, flat.device), zero, squares, low, high, nonzero)
+        else:
+            shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
+            scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
+            buf = scratch(flat, n)
+            torch.sub(flat, shift, out=buf).mul_(scale).nan_to_num_(MARK, MARK, MARK)
+            total, squares = buf.sum(), torch.dot(buf, buf)
+            zero_count = torch.eq(flat, 0, out=buf).sum() if zeros else zero
+            head = (shift, scale, total, squares, low, high, zero_count)
         if saturation is None:
             saturated = zero
         else:
             lo, hi = saturation
+            buf = scratch(flat, n)
             torch.sub(flat, (lo + hi) / 2, out=buf).abs_()
             saturated = torch.ge(buf, (hi - lo) / 2 - eps, out=buf).sum()
-        return self._append((shift, scale, total, squares, low, high, zero_count, saturated), n)
+        return self._append((*head, saturated), n)
 
     def _append(self, row: tuple[torch.Tensor, ...] | None, n: int) -> int:
         """Note a row (None: written by a kernel into the open native block), after closing a full block."""
@@ -258,10 +313,11 @@ class RowStore:
         return block.index_copy(0, index, stacked.to(torch.float64))
 
     def moments(self, x: torch.Tensor) -> list[int]:
-        """Rows of ``x``'s sums: for weights. With PyTorch operations, shifted by the first
-        value and not scaled (weights are finite and far from float32 overflow; NaN or Inf
-        make the sums NaN or Inf), min, max and counts left zero: about half the work of
-        :meth:`reduce`. The compiled kernel sums in float64, one vectorised pass."""
+        """Rows of ``x``'s sums: for weights; min, max and counts left zero, and NaN or Inf
+        make the sums NaN or Inf. The compiled kernel sums in float64, one vectorised pass.
+        With PyTorch operations, off the CPU a Welford row of a float64 copy (two device
+        operations); on the CPU shifted by the first value and not scaled (weights are
+        finite and far from float32 overflow)."""
         xf = as_float(x)
         if native.dense_float32_cpu(xf):
             if not xf.numel():
@@ -271,26 +327,17 @@ class RowStore:
             return [row]
         numbers = []
         for part in chunks(xf):
-            zero, one = self._zeros(part), self._ones(part)
-            shift = part[0]
-            buf = scratch(part, part.numel())
-            torch.sub(part, shift, out=buf)
-            row = (shift, one, buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
-            numbers.append(self._append(row, part.numel()))
+            n, device = part.numel(), part.device
+            zero = constant(0.0, device)
+            if _welford(device):
+                squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
+                row = (mean, constant(WELFORD, device), zero, squares, zero, zero, constant(float(n), device), zero)
+            else:
+                shift = part[0]
+                buf = torch.sub(part, shift, out=scratch(part, n))
+                row = (shift, constant(1.0, device), buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
+            numbers.append(self._append(row, n))
         return numbers
-
-    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
-        return self._constant(like, 0.0)
-
-    def _ones(self, like: torch.Tensor) -> torch.Tensor:
-        return self._constant(like, 1.0)
-
-    def _constant(self, like: torch.Tensor, value: float) -> torch.Tensor:
-        key = (like.device, like.dtype, value)
-        found = self._constants.get(key)
-        if found is None:
-            found = self._constants[key] = torch.full((), value, dtype=like.dtype, device=like.device)
-        return found
 
     def extremes(self, rows: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` on ``device`` for no rows)."""
@@ -317,15 +364,21 @@ class RowStore:
 
 
 def _stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """Stack rows of 0-d tensors into one ``[len(rows), RAW_WIDTH]`` tensor, in one operation when
-    they share a device (float32 and float64 rows together give float64)."""
+    """Stack rows of 0-d tensors into one float64 ``[len(rows), RAW_WIDTH]`` tensor."""
     values = [v for row in rows for v in row]
+    return join(values, values[0].device, stack=True).reshape(-1, RAW_WIDTH)
+
+
+def join(tensors: list[torch.Tensor], device: torch.device, *, stack: bool = False) -> torch.Tensor:
+    """``tensors`` concatenated (or stacked) into one float64 tensor on ``device``: two device
+    operations when they share a device, whatever their number and dtypes; one copy each
+    when they do not (a model split across devices)."""
+    combine = torch.stack if stack else torch.cat
     try:
-        stacked = torch.stack(values)
-    except RuntimeError:  # rows on several devices (a model split across them): gather on the first
-        device = values[0].device
-        stacked = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
-    return stacked.reshape(-1, RAW_WIDTH)
+        joined = combine(tensors)
+    except RuntimeError:  # several devices: gather them on ``device``
+        return combine([t.to(device=device, dtype=torch.float64) for t in tensors])
+    return joined.to(device=device, dtype=torch.float64)
 
 
 def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
@@ -335,18 +388,22 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     saturated count, min, max. Scale and shift come out in float64
     (``sum(x) = sum(x - c) + n c``, ``sum(x^2) = sum((x - c)^2) + c (2 sum(x - c) + n c)``).
     A row whose min or max is not finite held NaN or Inf: its non-finite count is
-    ``round(sum / MARK)`` (exact: its finite values were scaled to zero) and its
-    sums become NaN.
+    ``round(sum / MARK)`` for a kernel row (exact: its finite values were scaled to
+    zero), ``round(n c / MARK64)`` for a Welford row; its sums become NaN. A Welford
+    row's zero count is ``n`` minus its count of values that are not zero.
     """
-    c = raw[:, R_SHIFT]
+    c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
+    welford = k < 0
     low, high = raw[:, R_MIN], raw[:, R_MAX]
     bad = ~(torch.isfinite(low) & torch.isfinite(high))
-    nonfinite = torch.where(bad, torch.round(raw[:, R_SUM] / MARK), torch.zeros_like(c))
-    shifted = raw[:, R_SUM] / raw[:, R_SCALE]
+    marks = torch.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK)
+    nonfinite = torch.where(bad, torch.round(marks), torch.zeros_like(c))
+    shifted = raw[:, R_SUM] / k  # zero for Welford rows
     nan = torch.full_like(shifted, math.nan)
     total = torch.where(bad, nan, shifted + numels * c)
-    sumsq = torch.where(bad, nan, raw[:, R_SUMSQ] / raw[:, R_SCALE].square() + c * (2 * shifted + numels * c))
-    return torch.stack([numels, total, sumsq, raw[:, R_ZEROS], nonfinite, raw[:, R_SATURATED], low, high], dim=1)
+    sumsq = torch.where(bad, nan, raw[:, R_SUMSQ] / k.square() + c * (2 * shifted + numels * c))
+    zeros = torch.where(welford, numels - raw[:, R_ZEROS], raw[:, R_ZEROS])
+    return torch.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], dim=1)
 
 
 def select_columns(rows: torch.Tensor, columns: list[int]) -> torch.Tensor:

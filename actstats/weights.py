@@ -133,10 +133,9 @@ def weight_figures(modules: Sequence[nn.Module], *,
     n, total, sumsq = per_part.unbind(1)
     mean, mean_square = total / n, sumsq / n
     std = (mean_square - mean * mean).clamp_min(0.0).sqrt()
-    pieces = [torch.stack([std, mean_square.sqrt()], dim=1).reshape(-1),
-              torch.stack([f.to(device=device, dtype=torch.float64) for f in firsts])]
+    pieces = [torch.stack([std, mean_square.sqrt()], dim=1).reshape(-1), stats.join(firsts, device, stack=True)]
     if verdicts:
-        pieces.append(torch.stack([v.to(device=device, dtype=torch.float64) for v in verdicts]))
+        pieces.append(stats.join(verdicts, device, stack=True))
     vector = torch.cat(pieces)
 
     def decode(host: Any) -> dict[nn.Module, WeightFigures]:
