@@ -147,9 +147,9 @@ class RecordState:
     grad_calls: int = 0  # gradients received
     unit_max: torch.Tensor | None = None  # per unit, the largest output seen (fmax: NaN ignored)
     act_hist: torch.Tensor | None = None
-    act_range: torch.Tensor | None = None
+    act_range: torch.Tensor | tuple[float, float] | None = None
     grad_hist: torch.Tensor | None = None
-    grad_range: torch.Tensor | None = None
+    grad_range: torch.Tensor | tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -502,16 +502,16 @@ class Recorder:
             if self.bins:
                 if state.act_range is None:
                     state.act_range = self._range(name, 0, rows, y.device)
-                    state.act_hist = torch.zeros(self.bins, dtype=torch.float64, device=y.device)
-                stats.add_histogram(state.act_hist, y, state.act_range)
+                state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
             if self.backward and y.requires_grad and torch.is_grad_enabled():
                 y.register_hook(self._grad_hook(state))
 
-    def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor:
-        """A record's histogram range: its hint when there is a usable one, else the min/max of ``rows``."""
+    def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
+        """A record's histogram range: its hint (host floats) when there is a usable one, else
+        the min/max of ``rows`` (a float64 tensor on the device)."""
         hint = self.range_hints.get(name, (None, None))[which]
         if hint is not None and all(map(_finite, hint)) and hint[1] > hint[0]:
-            return stats.to_device(list(hint), torch.float64, device)
+            return float(hint[0]), float(hint[1])
         return stats.histogram_range(self.store.extremes(rows, device))
 
     def _grad_hook(self, state: RecordState):
@@ -528,8 +528,7 @@ class Recorder:
                 if self.bins:
                     if state.grad_range is None:
                         state.grad_range = self._range(state.name, 1, rows, grad.device)
-                        state.grad_hist = torch.zeros(self.bins, dtype=torch.float64, device=grad.device)
-                    stats.add_histogram(state.grad_hist, grad, state.grad_range)
+                    state.grad_hist = stats.add_histogram(state.grad_hist, grad, state.grad_range, self.bins)
         return hook
 
     # --- results ---------------------------------------------------------------
@@ -595,13 +594,12 @@ class Recorder:
         for s in states:  # per-record extras: alive-unit masks and histograms
             if s.unit_max is not None:
                 maxes.append(next(alive))
-            if s.act_hist is not None:
-                sums.append(s.act_hist.to(device))
-                maxes.append(s.act_range.to(device))  # type: ignore[union-attr]
-            if s.grad_hist is not None:
-                sums.append(s.grad_hist.to(device))
-                maxes.append(s.grad_range.to(device))  # type: ignore[union-attr]
-        sum_vec, max_vec = torch.cat(sums), torch.cat(maxes)
+            for hist, edges in ((s.act_hist, s.act_range), (s.grad_hist, s.grad_range)):
+                if hist is not None:
+                    sums.append(hist)
+                    if isinstance(edges, torch.Tensor):  # measured on the device; a hint stays on the host
+                        maxes.append(edges)
+        sum_vec, max_vec = stats.join(sums, device), stats.join(maxes, device)
         if all_reduce is not None:
             all_reduce(sum_vec, max_vec)
         tail = [] if extra is None else [extra.to(device=device, dtype=torch.float64)]
@@ -645,16 +643,14 @@ class Recorder:
             if s.act_hist is not None:
                 counts = sums[i:i + self.bins]
                 i += self.bins
-                low, top = maxes[j:j + 2]
-                j += 2
+                (low, top), j = _edges(s.act_range, maxes, j)
                 act_hist = make_histogram(counts, low, top, act.min, act.max,
                                           row[stats.A_N] - row[stats.A_NONFINITE], row[stats.A_SUM],
                                           row[stats.A_SUMSQ])
             if s.grad_hist is not None:
                 counts = sums[i:i + self.bins]
                 i += self.bins
-                low, top = maxes[j:j + 2]
-                j += 2
+                (low, top), j = _edges(s.grad_range, maxes, j)
                 grad_hist = make_histogram(counts, low, top, -g_neg_low, g_high,
                                            grad_row[stats.G_N] - grad_row[stats.G_NONFINITE],
                                            grad_row[stats.G_SUM], grad_row[stats.G_SUMSQ])
@@ -667,6 +663,15 @@ class Recorder:
                 act_hist=act_hist, grad_hist=grad_hist,
             ))
         return out
+
+
+def _edges(bounds: torch.Tensor | tuple[float, float] | None, maxes: np.ndarray, j: int
+           ) -> tuple[tuple[float, float], int]:
+    """A histogram's ``(low, high)``: a host hint as it is, a measured range from ``maxes[j:j + 2]``;
+    and the position after what was read."""
+    if isinstance(bounds, tuple):
+        return bounds, j
+    return (float(maxes[j]), float(maxes[j + 1])), j + 2
 
 
 def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from actstats import native
@@ -462,38 +463,59 @@ def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(flat, low - 0.5, low), torch.where(flat, low + 0.5, high)])
 
 
-def add_histogram(counts: torch.Tensor, x: torch.Tensor, bounds: torch.Tensor) -> None:
-    """Add the finite values of ``x`` to ``counts`` (float64, one per equal bin over ``bounds``).
+def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Tensor | tuple[float, float],
+                  bins: int) -> torch.Tensor | None:
+    """``counts`` plus the histogram of ``x``'s finite values in ``bins`` equal bins over ``bounds``.
 
-    Values below/above the range count in the first/last bin; NaN and Inf are
-    not counted. Positions are ``(x - low) * bins / (high - low)`` in float32
-    (the tensor's precision for float64), truncated. A dense float32 CPU tensor
-    is counted by the compiled kernel, in one pass; otherwise positions are
-    computed in chunks inside the scratch buffer, and nothing synchronises: on
-    CPU the bins are counted with ``bincount`` (no device to wait for), elsewhere
-    with ``index_add_``, whose output size does not depend on the data (NaN and
-    Inf go to an extra bin that is dropped).
+    ``counts`` None starts a histogram (None is returned while no value was
+    seen). ``bounds`` is ``(low, high)``: a float64 tensor measured on the device,
+    or two Python floats known on the host (a range hint: no device work to
+    prepare). Values below/above the range count in the first/last bin; NaN and
+    Inf are not counted. Positions are ``(x - low) * (bins / (high - low))`` in
+    float32 (float64 for float64 tensors), floored.
+
+    A dense float32 CPU tensor is counted by the compiled kernel, in one pass,
+    into float64 counts. Otherwise positions are computed in chunks inside the
+    scratch buffer (non-finite ones made NaN, the others clamped and floored),
+    and counted by ``histc`` over ``[0, bins]``, which drops NaN and is exact on
+    whole numbers: six device operations per chunk, none of which synchronises.
+    Counts come back in the positions' dtype for one chunk and in float64 once
+    chunks or calls are added together.
     """
     xf = as_float(x)
-    bins = counts.numel()
-    if native.dense_float32_cpu(xf) and counts.dtype == torch.float64 and counts.is_cpu and counts.is_contiguous() \
-            and bounds.dtype == torch.float64 and bounds.is_cpu and bounds.is_contiguous():
-        if xf.numel():
-            native.kernels.histogram(xf.data_ptr(), xf.numel(), bounds.data_ptr(), bins, counts.data_ptr())
-        return
-    low, high = bounds[0].to(xf.dtype), bounds[1].to(xf.dtype)
-    per_unit = torch.div(bins, high - low)
-    on_cpu = xf.device.type == "cpu"
-    tally = torch.zeros(bins + 1, dtype=torch.int64, device=xf.device)
+    host_bounds = isinstance(bounds, tuple)
+    if native.dense_float32_cpu(xf) and (counts is None or _float64_cpu(counts)) \
+            and (host_bounds or _float64_cpu(bounds)):  # type: ignore[arg-type]
+        if not xf.numel():
+            return counts
+        counts = torch.zeros(bins, dtype=torch.float64) if counts is None else counts
+        edges = torch.tensor(bounds, dtype=torch.float64) if host_bounds else bounds
+        native.kernels.histogram(xf.data_ptr(), xf.numel(), edges.data_ptr(), bins, counts.data_ptr())
+        return counts
+    if host_bounds:
+        low, per_unit = _host_affine(bounds, bins, xf.dtype)  # type: ignore[arg-type]
+    else:
+        low = bounds[0].to(xf.dtype)  # type: ignore[index]
+        per_unit = torch.div(bins, bounds[1].to(xf.dtype) - low)  # type: ignore[index]
     for part in chunks(xf):
         position = torch.sub(part, low, out=scratch(part, part.numel())).mul_(per_unit)
-        position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1)
-        index = scratch(tally, part.numel()).copy_(position.nan_to_num_(nan=bins))  # truncates: floor of >= 0
-        if on_cpu:
-            tally += torch.bincount(index, minlength=bins + 1)
-        else:
-            tally.index_add_(0, index, tally.new_ones(()).expand(index.numel()))  # exact int64 counts
-    counts += tally[:bins]
+        position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1).floor_()
+        found = torch.histc(position, bins, 0, bins)
+        counts = found if counts is None else counts.to(torch.float64).add_(found)
+    return counts
+
+
+def _float64_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float64 and t.is_cpu and t.is_contiguous()
+
+
+def _host_affine(bounds: tuple[float, float], bins: int, dtype: torch.dtype) -> tuple[float, float]:
+    """``low`` and ``bins / (high - low)`` rounded as a tensor of ``dtype`` computes them from
+    float64 bounds (so that host and device ranges bin alike)."""
+    if dtype == torch.float64:
+        return bounds[0], bins / (bounds[1] - bounds[0])
+    low, high = np.float32(bounds[0]), np.float32(bounds[1])
+    return float(low), float(np.float32(bins) / (high - low))
 
 
 @dataclass(frozen=True)

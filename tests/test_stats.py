@@ -216,10 +216,27 @@ def test_histogram_counts_match_numpy_with_end_bins_and_no_nonfinite(n):
     x = torch.randn(n, generator=gen) * 2.0
     x[:7] = torch.tensor([float("nan"), float("inf"), float("-inf"), 100.0, -100.0, 1.5, -1.5])
     counts = torch.ones(16, dtype=torch.float64)  # counts are added to what is there
-    stats.add_histogram(counts, x, torch.tensor([-1.5, 1.5], dtype=torch.float64))
+    counts = stats.add_histogram(counts, x, torch.tensor([-1.5, 1.5], dtype=torch.float64), 16)
     expected = _numpy_histogram(x.numpy(), -1.5, 1.5, 16)
     assert counts.tolist() == (expected + 1).tolist()
     assert counts.sum().item() == n - 3 + 16
+
+
+@pytest.mark.parametrize("bins", [30, 64])
+def test_histograms_from_host_and_device_bounds_count_alike(bins):
+    """A range hint (Python floats) and a measured range (a tensor) give the same counts; counts
+    start from None and add up over calls; a bin count that is not a power of two is exact too."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(8)) * 3.0
+    x[:3] = torch.tensor([float("nan"), float("inf"), 7.5])
+    low, high = -2.2, 1.9
+    on_host = stats.add_histogram(None, x, (low, high), bins)
+    measured = stats.add_histogram(None, x, torch.tensor([low, high], dtype=torch.float64), bins)
+    expected = _numpy_histogram(x.numpy(), low, high, bins)
+    assert on_host.tolist() == measured.tolist() == expected.tolist()
+    twice = stats.add_histogram(on_host, x[::2], (low, high), bins)
+    assert twice.dtype == torch.float64
+    assert twice.tolist() == (expected + _numpy_histogram(x[::2].numpy(), low, high, bins)).tolist()
+    assert stats.add_histogram(None, x[:0], (low, high), bins) is None
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
