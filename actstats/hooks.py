@@ -445,7 +445,7 @@ class Recorder:
         if not x.is_floating_point():
             return None
         with torch._C.DisableTorchFunction():
-            rows = self.store.reduce(x)
+            rows = self.store.reduce(x, extremes=False)  # an input's min and max are not reported
         self._seen[id(x)] = (weakref.ref(x), x._version, rows)
         return rows
 
@@ -521,7 +521,7 @@ class Recorder:
             if not self.active or self.generation != generation:
                 return
             with torch._C.DisableTorchFunction():
-                rows = self.store.reduce(grad)
+                rows = self.store.reduce(grad, extremes=bool(self.bins))  # only a histogram reads them
                 state.grad_calls += 1
                 record = state.index
                 self._grad_rows += [(r, record) for r in rows]

@@ -195,8 +195,8 @@ class RowStore:
         """Element count of each row, in row order."""
         return self._numels
 
-    def reduce(self, x: torch.Tensor, *, zeros: bool = False,
-               saturation: tuple[float, float] | None = None, eps: float = 0.0) -> list[int]:
+    def reduce(self, x: torch.Tensor, *, zeros: bool = False, saturation: tuple[float, float] | None = None,
+               eps: float = 0.0, extremes: bool = True) -> list[int]:
         """Write the raw rows of ``x`` (one per chunk; none when it is empty); return their numbers.
 
         A float32 CPU tensor whose values fill a block of memory is read once by
@@ -208,14 +208,16 @@ class RowStore:
             zeros: also count the values equal to zero.
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
+            extremes: False when min and max will not be read: Welford rows then skip
+                ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
-        return self._reduce_float(as_float(x), zeros, saturation, eps)
+        return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
     def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
-                      eps: float) -> list[int]:
+                      eps: float, extremes: bool = True) -> list[int]:
         if native.dense_float32_cpu(xf):
             return [self._reduce_native(xf, zeros, saturation, eps)] if xf.numel() else []
-        return [self._reduce(part, zeros, saturation, eps) for part in chunks(xf)]
+        return [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
 
     def reduce_units(self, x: torch.Tensor, maxima: torch.Tensor | None, unit_dim: int, *, zeros: bool = False,
                      saturation: tuple[float, float] | None = None, eps: float = 0.0
@@ -258,17 +260,19 @@ class RowStore:
         address = self._native.data_ptr() + len(self._rows) * _ROW_BYTES
         return self._append(None, n), address
 
-    def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float) -> int:
+    def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float,
+                extremes: bool = True) -> int:
         """One chunk's row: a Welford row off the CPU, a shifted row on it (see the class docstring)."""
         n = flat.numel()
-        low, high = torch.aminmax(flat)
         zero = constant(0.0, flat.device)
         if _welford(flat.device):
+            low, high = torch.aminmax(flat) if extremes else (zero, zero)
             wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
             squares, mean = torch.var_mean(wide, correction=n - 1)  # the sum of squared deviations
             nonzero = torch.count_nonzero(flat) if zeros else constant(float(n), flat.device)
             head = (mean, constant(WELFORD, flat.device), zero, squares, low, high, nonzero)
         else:
+            low, high = torch.aminmax(flat)
             shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
             scale = torch.sub(high, low).reciprocal_().nan_to_num_(0.0, 1.0, 1.0)  # NaN range: 0, zero range: 1
             buf = scratch(flat, n)
@@ -388,17 +392,19 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     Columns ``F_*``: count, sum, sum of squares, zeros, non-finite count,
     saturated count, min, max. Scale and shift come out in float64
     (``sum(x) = sum(x - c) + n c``, ``sum(x^2) = sum((x - c)^2) + c (2 sum(x - c) + n c)``).
-    A row whose min or max is not finite held NaN or Inf: its non-finite count is
-    ``round(sum / MARK)`` for a kernel row (exact: its finite values were scaled to
-    zero), ``round(n c / MARK64)`` for a Welford row; its sums become NaN. A Welford
+    A row that held NaN or Inf (a kernel row whose min or max is not finite, a
+    Welford row whose ``round(n c / MARK64)`` is not zero) has its sums made NaN and
+    its non-finite count read from its marks: ``round(sum / MARK)`` for a kernel row
+    (exact: its finite values were scaled to zero), ``round(n c / MARK64)`` for a
+    Welford row (whose min and max may be left zero). A Welford
     row's zero count is ``n`` minus its count of values that are not zero.
     """
     c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
     welford = k < 0
     low, high = raw[:, R_MIN], raw[:, R_MAX]
-    bad = ~(torch.isfinite(low) & torch.isfinite(high))
-    marks = torch.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK)
-    nonfinite = torch.where(bad, torch.round(marks), torch.zeros_like(c))
+    marks = torch.round(torch.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
+    bad = torch.where(welford, marks > 0, ~(torch.isfinite(low) & torch.isfinite(high)))
+    nonfinite = torch.where(bad, marks, torch.zeros_like(c))
     shifted = raw[:, R_SUM] / k  # zero for Welford rows
     nan = torch.full_like(shifted, math.nan)
     total = torch.where(bad, nan, shifted + numels * c)
@@ -478,7 +484,8 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     into float64 counts. Otherwise positions are computed in chunks inside the
     scratch buffer (non-finite ones made NaN, the others clamped and floored),
     and counted by ``histc`` over ``[0, bins]``, which drops NaN and is exact on
-    whole numbers: six device operations per chunk, none of which synchronises.
+    whole numbers: six device operations per chunk, none of which synchronises
+    (:func:`_bin_counts` for deterministic mode).
     Counts come back in the positions' dtype for one chunk and in float64 once
     chunks or calls are added together.
     """
@@ -500,9 +507,23 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     for part in chunks(xf):
         position = torch.sub(part, low, out=scratch(part, part.numel())).mul_(per_unit)
         position.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(0, bins - 1).floor_()
-        found = torch.histc(position, bins, 0, bins)
+        found = _bin_counts(position, bins)
         counts = found if counts is None else counts.to(torch.float64).add_(found)
     return counts
+
+
+def _bin_counts(position: torch.Tensor, bins: int) -> torch.Tensor:
+    """How many of ``position`` (whole numbers in ``[0, bins)``, or NaN: not counted) fall in each bin.
+
+    ``histc`` (one operation) unless PyTorch's deterministic mode is on, in which
+    its CUDA kernel refuses to run: then ``index_add_`` of int64 ones, which has a
+    deterministic CUDA implementation (NaN go to an extra bin that is dropped).
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        return torch.histc(position, bins, 0, bins)
+    index = scratch(position, position.numel(), torch.int64).copy_(position.nan_to_num_(nan=bins))
+    tally = torch.zeros(bins + 1, dtype=torch.int64, device=position.device)
+    return tally.index_add_(0, index, tally.new_ones(()).expand(index.numel()))[:bins]
 
 
 def _float64_cpu(t: torch.Tensor) -> bool:

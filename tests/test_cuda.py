@@ -224,6 +224,25 @@ def test_cuda_statistics_equal_the_cpu_statistics(name):
     assert [f.kind for f in on_cuda.flags] == [f.kind for f in on_cpu.flags]
 
 
+def test_histograms_in_deterministic_mode(tmp_path):
+    """histc has no deterministic CUDA kernel: in deterministic mode a sampled step with
+    histograms still runs and counts every value once."""
+    model, x = build("resnet_block", "cuda")  # convolutions and BatchNorm only: no cuBLAS workspace needed
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with actstats.watch(model, every=1, histograms=True, logdir=str(tmp_path)) as w:
+            for _ in range(3):  # the first step bins with measured ranges, the others with hints
+                train_step(model, x)
+                w.step()
+            report = w.report()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for layer in report.layers:
+        act, _ = report.histograms[layer.name]
+        assert sum(act.counts) == layer.act.numel, layer.name
+
+
 def test_cuda_histograms_count_every_value():
     """Values outside the first batch's range count in the end bins: every value is counted once."""
     model, x = build("resnet_block", "cuda")

@@ -203,10 +203,12 @@ def test_unit_maxima_of_wide_and_odd_shapes(shape, dim):
 
 def _numpy_histogram(values, low, high, bins):
     """Independent reference: finite values only, out-of-range ones in the end bins; positions
-    in float32 like the tensors' own (a float64 position can fall on the other side of an edge)."""
+    in the values' precision like the tensors' own (a float64 position of float32 values can fall
+    on the other side of an edge)."""
     v = values[np.isfinite(values)]
-    per_unit = np.float32(bins) / (np.float32(high) - np.float32(low))
-    index = np.clip(np.floor((v - np.float32(low)) * per_unit), 0, bins - 1).astype(int)
+    f = values.dtype.type
+    per_unit = f(bins) / (f(high) - f(low))
+    index = np.clip(np.floor((v - f(low)) * per_unit), 0, bins - 1).astype(int)
     return np.bincount(index, minlength=bins).astype(float)
 
 
@@ -237,6 +239,19 @@ def test_histograms_from_host_and_device_bounds_count_alike(bins):
     assert twice.dtype == torch.float64
     assert twice.tolist() == (expected + _numpy_histogram(x[::2].numpy(), low, high, bins)).tolist()
     assert stats.add_histogram(None, x[:0], (low, high), bins) is None
+
+
+def test_histograms_in_deterministic_mode_count_alike():
+    """histc has no deterministic CUDA kernel: deterministic mode counts with index_add_ instead."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x[:2] = torch.tensor([float("nan"), float("-inf")], dtype=torch.float64)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        counts = stats.add_histogram(None, x, (-1.0, 2.0), 20)  # float64: never the kernels
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert counts.tolist() == _numpy_histogram(x.numpy(), -1.0, 2.0, 20).tolist()
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
