@@ -122,21 +122,21 @@ def _welford(device: torch.device) -> bool:
     return device.type != "cpu" or welford_on_cpu
 
 
-_constants: dict[tuple[torch.device, float], torch.Tensor] = {}
+_constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
 
-def constant(value: float, device: torch.device) -> torch.Tensor:
-    """A cached 0-d float64 tensor on ``device`` (rows' constant entries: no device work per row).
+def constant(value: float, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A cached 0-d tensor on ``device`` (rows' constant entries: no device work per row).
 
-    The cache holds a few entries per device (0, :data:`WELFORD` and one element
-    count per tensor size); it is emptied past 4096 entries.
+    The cache holds a few entries per device (0, 1, :data:`WELFORD` and one
+    element count per tensor size); it is emptied past 4096 entries.
     """
-    key = (device, value)
+    key = (device, dtype, value)
     found = _constants.get(key)
     if found is None:
         if len(_constants) >= 4096:
             _constants.clear()
-        found = _constants[key] = torch.full((), value, dtype=torch.float64, device=device)
+        found = _constants[key] = torch.full((), value, dtype=dtype, device=device)
     return found
 
 
@@ -263,14 +263,14 @@ class RowStore:
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float,
                 extremes: bool = True) -> int:
         """One chunk's row: a Welford row off the CPU, a shifted row on it (see the class docstring)."""
-        n = flat.numel()
-        zero = constant(0.0, flat.device)
-        if _welford(flat.device):
+        n, device = flat.numel(), flat.device
+        zero = constant(0.0, device, flat.dtype)  # each column keeps one dtype: see _stack_rows
+        if _welford(device):
             low, high = torch.aminmax(flat) if extremes else (zero, zero)
             wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
             squares, mean = torch.var_mean(wide, correction=n - 1)  # the sum of squared deviations
-            nonzero = torch.count_nonzero(flat) if zeros else constant(float(n), flat.device)
-            head = (mean, constant(WELFORD, flat.device), zero, squares, low, high, nonzero)
+            nonzero = torch.count_nonzero(flat) if zeros else constant(n, device, torch.int64)
+            head = (mean, constant(WELFORD, device), constant(0.0, device), squares, low, high, nonzero)
         else:
             low, high = torch.aminmax(flat)
             shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
@@ -333,14 +333,15 @@ class RowStore:
         numbers = []
         for part in chunks(xf):
             n, device = part.numel(), part.device
-            zero = constant(0.0, device)
+            zero = constant(0.0, device, part.dtype)
             if _welford(device):
                 squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
-                row = (mean, constant(WELFORD, device), zero, squares, zero, zero, constant(float(n), device), zero)
+                row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
+                       constant(n, device, torch.int64), zero)
             else:
                 shift = part[0]
                 buf = torch.sub(part, shift, out=scratch(part, n))
-                row = (shift, constant(1.0, device), buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
+                row = (shift, constant(1.0, device, part.dtype), buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
             numbers.append(self._append(row, n))
         return numbers
 
@@ -369,9 +370,14 @@ class RowStore:
 
 
 def _stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """Stack rows of 0-d tensors into one float64 ``[len(rows), RAW_WIDTH]`` tensor."""
-    values = [v for row in rows for v in row]
-    return join(values, values[0].device, stack=True).reshape(-1, RAW_WIDTH)
+    """Stack rows of 0-d tensors into one float64 ``[len(rows), RAW_WIDTH]`` tensor, column by column.
+
+    A column's entries share a dtype (rows of tensors of one dtype are built so), and
+    stacking tensors of one dtype is one kernel on CUDA; tensors of mixed dtypes are
+    copied one by one (a ``cudaMemcpyAsync`` each: 800 for a ResNet step's rows).
+    """
+    device = rows[0][0].device
+    return torch.stack([join(list(column), device, stack=True) for column in zip(*rows)], dim=1)
 
 
 def join(tensors: list[torch.Tensor], device: torch.device, *, stack: bool = False) -> torch.Tensor:
