@@ -52,11 +52,13 @@ FINAL_WIDTH = 8
 #: a row whose min or max is not finite has its finite values scaled to zero, so its sum is
 #: ``MARK * count``, from which :func:`finalize` reads the count back.
 MARK = 2.0 ** 100
-#: The scale of a Welford row (any negative number would do: kernels' scales are >= 0).
-WELFORD = -1.0
+#: The scale of a Welford row (kernels' scales are >= 0), and of one whose min and max were
+#: not read (:func:`finalize` then tells a row that held NaN or Inf by its marks alone).
+WELFORD, WELFORD_NO_EXTREMES = -1.0, -2.0
 #: Welford rows replace non-finite values by this mark (in float64) before taking the mean:
-#: finite float32 values sum to less than 2**149 per chunk, so ``round(n * mean / MARK64)``
-#: is the count when the row's min or max is not finite.
+#: finite float32 values sum to less than 2**150 per chunk, so ``round(n * mean / MARK64)``
+#: is the non-finite count. (Float64 tensors always have their min and max read: their
+#: finite values alone can reach the mark.)
 MARK64 = 2.0 ** 200
 _ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
@@ -69,11 +71,14 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-#: Elementwise work runs in chunks of at most this many values, inside one reused
-#: scratch buffer per (device, dtype): no temporary as large as an activation is
+#: Elementwise work runs in chunks of at most this many values on the CPU, inside one
+#: reused scratch buffer per (device, dtype): no temporary as large as an activation is
 #: allocated (on CPU a fresh buffer costs page faults, more than the arithmetic), and
 #: float32 counts of one chunk stay exact (below 2**24).
 CHUNK = 1 << 20
+#: The same on other devices: larger, since there every chunk costs kernel launches (the
+#: scratch buffers then hold up to 48 MB: 4M float32 and 4M float64 values).
+DEVICE_CHUNK = 1 << 22
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -94,20 +99,25 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def chunk_size(device: torch.device) -> int:
+    """Values per chunk on ``device``: :data:`CHUNK` on the CPU, :data:`DEVICE_CHUNK` elsewhere."""
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+
+
 def chunks(x: torch.Tensor) -> list[torch.Tensor]:
-    """``x`` flattened, in pieces of at most :data:`CHUNK` values (one view when it fits; none when empty)."""
+    """``x`` flattened, in pieces of at most :func:`chunk_size` values (one view when it fits; none when empty)."""
     flat = x.reshape(-1)
-    n = flat.numel()
-    return [flat] if 0 < n <= CHUNK else [flat[i:i + CHUNK] for i in range(0, n, CHUNK)]
+    n, size = flat.numel(), chunk_size(x.device)
+    return [flat] if 0 < n <= size else [flat[i:i + size] for i in range(0, n, size)]
 
 
 def scratch(like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A reused 1-D buffer of ``n <= CHUNK`` values on ``like``'s device, in ``dtype`` (default
-    ``like``'s; contents undefined)."""
+    """A reused 1-D buffer of ``n <= chunk_size`` values on ``like``'s device, in ``dtype``
+    (default ``like``'s; contents undefined)."""
     key = (like.device, dtype or like.dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(min(max(n, 1 << 16), CHUNK), dtype=key[1], device=like.device)
+        buf = torch.empty(min(max(n, 1 << 16), chunk_size(like.device)), dtype=key[1], device=like.device)
         _scratch[key] = buf
     return buf[:n]
 
@@ -153,7 +163,7 @@ class RowStore:
     ``actstats._native.moments``, which writes one float64 row (shift ``c`` the
     first value, scale 1, shifted sums, min, max, counts) straight into the open
     block of kernel rows. Any other tensor goes, per chunk of at most
-    :data:`CHUNK` values, through PyTorch operations, in one of two ways:
+    :func:`chunk_size` values, through PyTorch operations, in one of two ways:
 
     * Off the CPU (CUDA), where a small step is bound by kernel launches, five
       operations: ``aminmax``; a copy into a float64 scratch buffer with its
@@ -208,8 +218,9 @@ class RowStore:
             zeros: also count the values equal to zero.
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
-            extremes: False when min and max will not be read: Welford rows then skip
-                ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
+            extremes: False when min and max will not be read: Welford rows of float32
+                values then skip ``aminmax`` and hold zeros (kernels and shifted rows take
+                them anyway).
         """
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
@@ -266,11 +277,13 @@ class RowStore:
         n, device = flat.numel(), flat.device
         zero = constant(0.0, device, flat.dtype)  # each column keeps one dtype: see _stack_rows
         if _welford(device):
-            low, high = torch.aminmax(flat) if extremes else (zero, zero)
+            blind = not extremes and flat.dtype != torch.float64
+            low, high = (zero, zero) if blind else torch.aminmax(flat)
             wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
             squares, mean = torch.var_mean(wide, correction=n - 1)  # the sum of squared deviations
             nonzero = torch.count_nonzero(flat) if zeros else constant(n, device, torch.int64)
-            head = (mean, constant(WELFORD, device), constant(0.0, device), squares, low, high, nonzero)
+            scale = constant(WELFORD_NO_EXTREMES if blind else WELFORD, device)
+            head = (mean, scale, constant(0.0, device), squares, low, high, nonzero)
         else:
             low, high = torch.aminmax(flat)
             shift = flat[0].nan_to_num(0.0, 0.0, 0.0)
@@ -381,9 +394,10 @@ def _stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
 
 
 def join(tensors: list[torch.Tensor], device: torch.device, *, stack: bool = False) -> torch.Tensor:
-    """``tensors`` concatenated (or stacked) into one float64 tensor on ``device``: two device
-    operations when they share a device, whatever their number and dtypes; one copy each
-    when they do not (a model split across devices)."""
+    """``tensors`` concatenated (or stacked) into one float64 tensor on ``device``: one ``cat``
+    (one kernel when they also share a dtype; PyTorch copies mixed dtypes one by one) and one
+    conversion when they share a device; one copy each when they do not (a model split
+    across devices)."""
     combine = torch.stack if stack else torch.cat
     try:
         joined = combine(tensors)
@@ -398,19 +412,21 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     Columns ``F_*``: count, sum, sum of squares, zeros, non-finite count,
     saturated count, min, max. Scale and shift come out in float64
     (``sum(x) = sum(x - c) + n c``, ``sum(x^2) = sum((x - c)^2) + c (2 sum(x - c) + n c)``).
-    A row that held NaN or Inf (a kernel row whose min or max is not finite, a
-    Welford row whose ``round(n c / MARK64)`` is not zero) has its sums made NaN and
-    its non-finite count read from its marks: ``round(sum / MARK)`` for a kernel row
-    (exact: its finite values were scaled to zero), ``round(n c / MARK64)`` for a
-    Welford row (whose min and max may be left zero). A Welford
+    A row that held NaN or Inf (one whose min or max is not finite; a Welford
+    row whose min and max were not read, when ``round(n c / MARK64)`` is not zero)
+    has its sums made NaN and its non-finite count read from its marks:
+    ``round(sum / MARK)`` for a kernel or shifted row (exact: its finite values
+    were scaled to zero), ``round(n c / MARK64)`` for a Welford row. A Welford
     row's zero count is ``n`` minus its count of values that are not zero.
     """
     c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
     welford = k < 0
     low, high = raw[:, R_MIN], raw[:, R_MAX]
     marks = torch.round(torch.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
-    bad = torch.where(welford, marks > 0, ~(torch.isfinite(low) & torch.isfinite(high)))
+    blind = k == WELFORD_NO_EXTREMES
+    bad = torch.where(blind, marks > 0, ~(torch.isfinite(low) & torch.isfinite(high)))
     nonfinite = torch.where(bad, marks, torch.zeros_like(c))
+    k = torch.where(welford, 1.0, k)  # a Welford row is shifted (by its mean) but not scaled
     shifted = raw[:, R_SUM] / k  # zero for Welford rows
     nan = torch.full_like(shifted, math.nan)
     total = torch.where(bad, nan, shifted + numels * c)
@@ -489,9 +505,9 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     A dense float32 CPU tensor is counted by the compiled kernel, in one pass,
     into float64 counts. Otherwise positions are computed in chunks inside the
     scratch buffer (non-finite ones made NaN, the others clamped and floored),
-    and counted by ``histc`` over ``[0, bins]``, which drops NaN and is exact on
-    whole numbers: six device operations per chunk, none of which synchronises
-    (:func:`_bin_counts` for deterministic mode).
+    and counted (:func:`_bin_counts`): off the CPU by ``histc`` over ``[0, bins]``,
+    which drops NaN and is exact on whole numbers: six device operations per chunk,
+    none of which synchronises.
     Counts come back in the positions' dtype for one chunk and in float64 once
     chunks or calls are added together.
     """
@@ -521,13 +537,30 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
 def _bin_counts(position: torch.Tensor, bins: int) -> torch.Tensor:
     """How many of ``position`` (whole numbers in ``[0, bins)``, or NaN: not counted) fall in each bin.
 
-    ``histc`` (one operation) unless PyTorch's deterministic mode is on, in which
-    its CUDA kernel refuses to run: then ``index_add_`` of int64 ones, which has a
-    deterministic CUDA implementation (NaN go to an extra bin that is dropped).
+    On the CPU ``bincount`` (``histc`` is several times slower there); elsewhere ``histc``
+    (one kernel), unless PyTorch's deterministic mode is on, in which CUDA's ``histc``
+    refuses to run: then ``index_add_``, which has a deterministic CUDA implementation.
     """
-    if not torch.are_deterministic_algorithms_enabled():
-        return torch.histc(position, bins, 0, bins)
-    index = scratch(position, position.numel(), torch.int64).copy_(position.nan_to_num_(nan=bins))
+    if position.device.type == "cpu":
+        return count_by_bincount(position, bins)
+    if torch.are_deterministic_algorithms_enabled():
+        return count_by_index_add(position, bins)
+    return torch.histc(position, bins, 0, bins)
+
+
+def _whole_indices(position: torch.Tensor, bins: int) -> torch.Tensor:
+    """``position`` as int64 indices in the scratch buffer, NaN as ``bins`` (an extra bin, dropped)."""
+    return scratch(position, position.numel(), torch.int64).copy_(position.nan_to_num_(nan=bins))
+
+
+def count_by_bincount(position: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`_bin_counts` with ``bincount`` (its output size depends on the data: CPU only)."""
+    return torch.bincount(_whole_indices(position, bins), minlength=bins + 1)[:bins]
+
+
+def count_by_index_add(position: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`_bin_counts` with ``index_add_`` of int64 ones (deterministic on CUDA)."""
+    index = _whole_indices(position, bins)
     tally = torch.zeros(bins + 1, dtype=torch.int64, device=position.device)
     return tally.index_add_(0, index, tally.new_ones(()).expand(index.numel()))[:bins]
 

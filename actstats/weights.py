@@ -54,11 +54,12 @@ def _units_equal(rows: torch.Tensor) -> torch.Tensor:
     if native.row_major_float32_cpu(rows):  # the kernel stops at the first row that differs
         return torch.tensor(native.kernels.rows_equal(rows.data_ptr(), rows.shape[0], rows.shape[1]))
     first = rows[:1]
-    per_chunk = max(1, stats.CHUNK // max(1, rows.shape[1]))
+    size = stats.chunk_size(rows.device)
+    per_chunk = max(1, size // max(1, rows.shape[1]))
     extremes = []
     for start in range(0, rows.shape[0], per_chunk):
         part = rows[start:start + per_chunk]
-        if part.numel() <= stats.CHUNK:
+        if part.numel() <= size:
             diff = torch.sub(part, first, out=stats.scratch(part, part.numel()).view(part.shape))
         else:  # a single row wider than the scratch buffer
             diff = part - first

@@ -8,7 +8,7 @@ import torch
 
 from actstats import native, stats
 
-# every test here runs on both reduction paths (tests/conftest.py)
+# every test here runs on each reduction path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("reduction_path")
 
 
@@ -241,17 +241,15 @@ def test_histograms_from_host_and_device_bounds_count_alike(bins):
     assert stats.add_histogram(None, x[:0], (low, high), bins) is None
 
 
-def test_histograms_in_deterministic_mode_count_alike():
-    """histc has no deterministic CUDA kernel: deterministic mode counts with index_add_ instead."""
-    x = torch.randn(3000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    x[:2] = torch.tensor([float("nan"), float("-inf")], dtype=torch.float64)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        counts = stats.add_histogram(None, x, (-1.0, 2.0), 20)  # float64: never the kernels
-    finally:
-        torch.use_deterministic_algorithms(before)
-    assert counts.tolist() == _numpy_histogram(x.numpy(), -1.0, 2.0, 20).tolist()
+def test_the_three_ways_of_counting_bins_agree():
+    """bincount (CPU), histc (CUDA) and index_add_ (CUDA in deterministic mode: histc refuses to
+    run there) count the same whole-number positions; NaN is not counted."""
+    position = torch.randint(0, 20, (3000,), generator=torch.Generator().manual_seed(9)).float()
+    position[:4] = float("nan")
+    expected = np.bincount(position[4:].long().numpy(), minlength=20).tolist()
+    assert stats.count_by_bincount(position.clone(), 20).tolist() == expected
+    assert stats.count_by_index_add(position.clone(), 20).tolist() == expected
+    assert torch.histc(position, 20, 0, 20).tolist() == expected
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
@@ -348,3 +346,50 @@ def test_kernel_rows_equal_the_pytorch_rows(monkeypatch, saturation):
                 assert float(r[column]) == pytest.approx(float(truth), rel=1e-5, abs=1e-9)
             else:
                 assert math.isnan(k[column]) and math.isnan(r[column])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_column_of_a_block_keeps_one_dtype(dtype, monkeypatch):
+    """Rows are stacked column by column; a column of one dtype is one CUDA kernel (mixed dtypes
+    are copied value by value). Activations, gradients without extremes, saturation, weights."""
+    monkeypatch.setattr(native, "enabled", False)
+    columns: list[list[set[torch.dtype]]] = []
+    real = stats._stack_rows
+
+    def spy(rows):
+        columns.append([{row[i].dtype for row in rows} for i in range(stats.RAW_WIDTH)])
+        return real(rows)
+
+    monkeypatch.setattr(stats, "_stack_rows", spy)
+    x = torch.randn(300, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    for welford in (True, False):
+        monkeypatch.setattr(stats, "welford_on_cpu", welford)
+        store = stats.RowStore()
+        store.reduce(x, zeros=True)
+        store.reduce(x.tanh(), zeros=True, saturation=(-1.0, 1.0), eps=0.01)
+        store.reduce(x, extremes=False)
+        store.moments(x.reshape(30, 10))
+        collected = store.collect(torch.device("cpu"))
+        assert collected.dtype == torch.float64 and collected.shape == (4, stats.RAW_WIDTH)
+    assert len(columns) == 2
+    assert all(len(kinds) == 1 for block in columns for kinds in block), columns
+
+
+def test_rows_without_extremes_keep_exact_sums_and_non_finite_counts():
+    """``extremes=False`` (gradients without histograms, inputs): the same sums and counts;
+    float64 values beyond the float32 range are not mistaken for non-finite marks."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(6))
+    dirty = x.clone()
+    dirty[[3, 700, 4999]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    huge = torch.full((64,), 1e300, dtype=torch.float64)
+    store = stats.RowStore()
+    for t in (x, dirty, huge):
+        store.reduce(t, extremes=False)
+    rows = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    reference = x.double()
+    assert rows[0, stats.F_N] == 5000 and rows[0, stats.F_NONFINITE] == 0
+    # float32 paths: an error of float32 rounding relative to the sum of magnitudes
+    assert rows[0, stats.F_SUM].item() == pytest.approx(reference.sum().item(), abs=1e-6 * reference.abs().sum().item())
+    assert rows[0, stats.F_SUMSQ].item() == pytest.approx(reference.square().sum().item(), rel=1e-6)
+    assert rows[1, stats.F_NONFINITE] == 3 and math.isnan(rows[1, stats.F_SUM]) and math.isnan(rows[1, stats.F_SUMSQ])
+    assert rows[2, stats.F_NONFINITE] == 0 and rows[2, stats.F_SUM].item() == pytest.approx(64e300, rel=1e-12)
