@@ -510,7 +510,7 @@ class Recorder:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
         the min/max of ``rows`` (a float64 tensor on the device)."""
         hint = self.range_hints.get(name, (None, None))[which]
-        if hint is not None and all(map(_finite, hint)) and hint[1] > hint[0]:
+        if hint is not None and all(map(_finite, hint)) and stats.usable_range(hint[0], hint[1], self.bins):
             return float(hint[0]), float(hint[1])
         return stats.histogram_range(self.store.extremes(rows, device))
 
@@ -636,7 +636,8 @@ class Recorder:
             if s.unit_max is not None:
                 alive = maxes[j:j + s.unit_max.numel()]
                 j += s.unit_max.numel()
-                dead_frac = float((alive == 0).sum() / alive.size)
+                if row[stats.A_N] > 0:  # no value seen (empty batches): no unit is known dead
+                    dead_frac = float((alive == 0).sum() / alive.size)
             act, input_rms, input_numel, saturated = stats.summarize_activations(row)
             grad = stats.summarize_gradients(grad_row) if s.grad_calls else None
             act_hist = grad_hist = None

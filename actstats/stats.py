@@ -55,10 +55,9 @@ MARK = 2.0 ** 100
 #: The scale of a Welford row (kernels' scales are >= 0), and of one whose min and max were
 #: not read (:func:`finalize` then tells a row that held NaN or Inf by its marks alone).
 WELFORD, WELFORD_NO_EXTREMES = -1.0, -2.0
-#: Welford rows replace non-finite values by this mark (in float64) before taking the mean:
-#: finite float32 values sum to less than 2**150 per chunk, so ``round(n * mean / MARK64)``
-#: is the non-finite count. (Float64 tensors always have their min and max read: their
-#: finite values alone can reach the mark.)
+#: Welford rows (float32 values only) replace non-finite values by this mark (in float64)
+#: before taking the mean: finite float32 values sum to less than 2**150 per chunk, so
+#: ``round(n * mean / MARK64)`` is the non-finite count.
 MARK64 = 2.0 ** 200
 _ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
@@ -127,9 +126,10 @@ def scratch(like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tor
 welford_on_cpu = False
 
 
-def _welford(device: torch.device) -> bool:
-    """Whether a tensor on ``device`` takes Welford rows (few operations) rather than shifted rows."""
-    return device.type != "cpu" or welford_on_cpu
+def _welford(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes Welford rows (few operations: float32 off the CPU) rather than
+    shifted rows (float64 values can reach :data:`MARK64` on their own)."""
+    return x.dtype == torch.float32 and (x.device.type != "cpu" or welford_on_cpu)
 
 
 _constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
@@ -165,7 +165,7 @@ class RowStore:
     block of kernel rows. Any other tensor goes, per chunk of at most
     :func:`chunk_size` values, through PyTorch operations, in one of two ways:
 
-    * Off the CPU (CUDA), where a small step is bound by kernel launches, five
+    * Float32 off the CPU (CUDA), where a small step is bound by kernel launches, five
       operations: ``aminmax``; a copy into a float64 scratch buffer with its
       non-finite values replaced by :data:`MARK64`; ``var_mean`` of that copy
       (float64: squares of float32 values neither overflow nor underflow, and the
@@ -174,7 +174,8 @@ class RowStore:
       of squared deviations in the sum-of-squares column (``correction = n - 1``
       divides it by one).
     * On the CPU (float64, strided views, or kernels not built), where passes
-      over memory cost more than operations, a dozen float32 operations:
+      over memory cost more than operations, and for float64 anywhere, a dozen
+      operations in the tensor's precision:
       ``aminmax``; ``(x - c) * k`` into a scratch buffer, with ``c`` the first
       value (zero when not finite), so that a large mean does not cancel the
       variance away in the float32 sum of squares, and ``k = 1 / (max - min)``,
@@ -218,9 +219,8 @@ class RowStore:
             zeros: also count the values equal to zero.
             saturation: ``(low, high)`` asymptotes; also count the values within ``eps`` of either.
             eps: the saturation tolerance.
-            extremes: False when min and max will not be read: Welford rows of float32
-                values then skip ``aminmax`` and hold zeros (kernels and shifted rows take
-                them anyway).
+            extremes: False when min and max will not be read: Welford rows then skip
+                ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
@@ -276,8 +276,8 @@ class RowStore:
         """One chunk's row: a Welford row off the CPU, a shifted row on it (see the class docstring)."""
         n, device = flat.numel(), flat.device
         zero = constant(0.0, device, flat.dtype)  # each column keeps one dtype: see _stack_rows
-        if _welford(device):
-            blind = not extremes and flat.dtype != torch.float64
+        if _welford(flat):
+            blind = not extremes
             low, high = (zero, zero) if blind else torch.aminmax(flat)
             wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
             squares, mean = torch.var_mean(wide, correction=n - 1)  # the sum of squared deviations
@@ -347,7 +347,7 @@ class RowStore:
         for part in chunks(xf):
             n, device = part.numel(), part.device
             zero = constant(0.0, device, part.dtype)
-            if _welford(device):
+            if _welford(part):
                 squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
                 row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
                        constant(n, device, torch.int64), zero)
@@ -460,6 +460,9 @@ def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: i
     dim = unit_dim % xf.dim()
     if current is not None and current.shape != (xf.shape[dim],):
         return current
+    if not xf.numel():  # an empty batch: no unit was seen alive (and amax has nothing to reduce)
+        empty = torch.full((xf.shape[dim],), -math.inf, dtype=xf.dtype, device=xf.device)
+        return empty if current is None else current
     dims = [d for d in range(xf.dim()) if d != dim]
     maxima = xf.amax(dim=dims) if dims else xf.clone()
     return maxima if current is None else torch.fmax(current, maxima, out=current)
@@ -492,11 +495,11 @@ def histogram_range(minmax: torch.Tensor) -> torch.Tensor:
 
 
 def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Tensor | tuple[float, float],
-                  bins: int) -> torch.Tensor | None:
+                  bins: int) -> torch.Tensor:
     """``counts`` plus the histogram of ``x``'s finite values in ``bins`` equal bins over ``bounds``.
 
-    ``counts`` None starts a histogram (None is returned while no value was
-    seen). ``bounds`` is ``(low, high)``: a float64 tensor measured on the device,
+    ``counts`` None starts a histogram (zeros from an empty tensor, so that every
+    record has its bins). ``bounds`` is ``(low, high)``: a float64 tensor measured on the device,
     or two Python floats known on the host (a range hint: no device work to
     prepare). Values below/above the range count in the first/last bin; NaN and
     Inf are not counted. Positions are ``(x - low) * (bins / (high - low))`` in
@@ -512,6 +515,8 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     chunks or calls are added together.
     """
     xf = as_float(x)
+    if counts is None and not xf.numel():  # every record gets its bins: vectors match across processes
+        return torch.zeros(bins, dtype=torch.float64, device=xf.device)
     host_bounds = isinstance(bounds, tuple)
     if native.dense_float32_cpu(xf) and (counts is None or _float64_cpu(counts)) \
             and (host_bounds or _float64_cpu(bounds)):  # type: ignore[arg-type]
@@ -545,12 +550,19 @@ def _bin_counts(position: torch.Tensor, bins: int) -> torch.Tensor:
         return count_by_bincount(position, bins)
     if torch.are_deterministic_algorithms_enabled():
         return count_by_index_add(position, bins)
-    return torch.histc(position, bins, 0, bins)
+    return count_by_histc(position, bins)
 
 
 def _whole_indices(position: torch.Tensor, bins: int) -> torch.Tensor:
     """``position`` as int64 indices in the scratch buffer, NaN as ``bins`` (an extra bin, dropped)."""
     return scratch(position, position.numel(), torch.int64).copy_(position.nan_to_num_(nan=bins))
+
+
+def count_by_histc(position: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`_bin_counts` with ``histc`` over ``[-0.5, bins - 0.5]``: a whole number ``p`` falls
+    in bin ``p`` however CUDA rounds ``(p + 0.5) * bins / bins`` in float32 (over ``[0, bins]``
+    it can fall one below past 4096 bins)."""
+    return torch.histc(position, bins, -0.5, bins - 0.5)
 
 
 def count_by_bincount(position: torch.Tensor, bins: int) -> torch.Tensor:
@@ -567,6 +579,14 @@ def count_by_index_add(position: torch.Tensor, bins: int) -> torch.Tensor:
 
 def _float64_cpu(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64 and t.is_cpu and t.is_contiguous()
+
+
+def usable_range(low: float, high: float, bins: int) -> bool:
+    """Whether ``(low, high)`` gives ``bins`` bins of a finite, non-zero width in float32
+    (a float64 range can collapse or overflow there)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        lo, hi = np.float32(low), np.float32(high)
+        return bool(np.isfinite(lo) and np.isfinite(hi) and hi > lo and np.isfinite(np.float32(bins) / (hi - lo)))
 
 
 def _host_affine(bounds: tuple[float, float], bins: int, dtype: torch.dtype) -> tuple[float, float]:

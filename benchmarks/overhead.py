@@ -330,10 +330,11 @@ def cuda_peaks(workload: str, methods: list[str], device: str, batch_scale: int)
     return peaks
 
 
-def single(method: str, workload: str, steps: int, warmup: int, device: str = "cpu") -> dict[str, Any]:
+def single(method: str, workload: str, steps: int, warmup: int, device: str = "cpu",
+           batch_scale: int = 1) -> dict[str, Any]:
     """Run one method alone (the ``--single`` child): its times, records, peak RSS (and CUDA memory)."""
     importlib.import_module("torch.fx.experimental.symbolic_shapes")  # sympy: see the docstring
-    model, x = build(workload, device)
+    model, x = build(workload, device, batch_scale)
     before = peak_rss_mb()
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -390,7 +391,8 @@ def saved_for_backward_mb(model: nn.Module, x: torch.Tensor) -> float:
 def in_subprocess(method: str, workload: str, args: argparse.Namespace, steps: int, warmup: int) -> dict[str, Any]:
     """Run ``--single`` in a fresh Python and return what it printed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--single", method, "--workload", workload,
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads), "--device", args.device]
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads), "--device", args.device,
+           "--batch-scale", str(args.batch_scale)]
     # Large blocks straight from mmap, so that glibc hands freed tensors back at once and peak RSS
     # follows the memory in use rather than what the allocator happened to keep.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -486,9 +488,12 @@ def main() -> None:
                      (" or cuda" if torch.cuda.is_available() else ""))
     torch.set_num_threads(args.threads)
     if args.single:
-        print(json.dumps(single(args.single, args.workload or "mlp", args.steps, args.warmup, args.device)))
+        print(json.dumps(single(args.single, args.workload or "mlp", args.steps, args.warmup, args.device,
+                                args.batch_scale)))
         return
     if args.scale:
+        if args.batch_scale != 1:
+            parser.error("--batch-scale applies to the timed workloads, not to --scale")
         run_scale(args)
         return
 

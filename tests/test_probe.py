@@ -494,3 +494,20 @@ def test_a_forward_interrupted_inside_a_leaf_does_not_lose_the_next_steps_functi
         assert "relu()" in rec.records
     finally:
         rec.detach()
+
+
+def test_an_empty_batch_keeps_the_step_vector_layout():
+    """A record that saw no value still has its bins and its dead-unit mask, so that the step's
+    vector has the same layout on every process (all_reduce needs that), and nothing fails."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    lengths = []
+    for batch in (0, 3):
+        with Recorder(model, histogram_bins=8) as recorder:
+            model(torch.randn(batch, 4)).sum().backward()
+        vector, decode = recorder.gather()
+        lengths.append(vector.numel())
+        summaries = decode(vector.numpy())
+        assert [s.act_hist is None for s in summaries] == [batch == 0] * 4  # no values: no histogram
+        assert (summaries[1].dead_frac is None) == (batch == 0)  # the ReLU: no unit known dead
+    assert lengths[0] == lengths[1]

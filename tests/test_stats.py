@@ -238,18 +238,29 @@ def test_histograms_from_host_and_device_bounds_count_alike(bins):
     twice = stats.add_histogram(on_host, x[::2], (low, high), bins)
     assert twice.dtype == torch.float64
     assert twice.tolist() == (expected + _numpy_histogram(x[::2].numpy(), low, high, bins)).tolist()
-    assert stats.add_histogram(None, x[:0], (low, high), bins) is None
+    assert stats.add_histogram(None, x[:0], (low, high), bins).tolist() == [0.0] * bins  # every record has bins
 
 
-def test_the_three_ways_of_counting_bins_agree():
+@pytest.mark.parametrize("bins", [20, 4099, 5000])
+def test_the_three_ways_of_counting_bins_agree(bins):
     """bincount (CPU), histc (CUDA) and index_add_ (CUDA in deterministic mode: histc refuses to
-    run there) count the same whole-number positions; NaN is not counted."""
-    position = torch.randint(0, 20, (3000,), generator=torch.Generator().manual_seed(9)).float()
-    position[:4] = float("nan")
-    expected = np.bincount(position[4:].long().numpy(), minlength=20).tolist()
-    assert stats.count_by_bincount(position.clone(), 20).tolist() == expected
-    assert stats.count_by_index_add(position.clone(), 20).tolist() == expected
-    assert torch.histc(position, 20, 0, 20).tolist() == expected
+    run there) count the same whole-number positions, every bin of thousands included; NaN is
+    not counted."""
+    position = torch.cat([torch.arange(bins), torch.randint(0, bins, (3000,), generator=torch.Generator().manual_seed(9))])
+    position = position.float()
+    position[bins:bins + 4] = float("nan")
+    expected = np.bincount(position[~position.isnan()].long().numpy(), minlength=bins).tolist()
+    assert stats.count_by_bincount(position.clone(), bins).tolist() == expected
+    assert stats.count_by_index_add(position.clone(), bins).tolist() == expected
+    assert stats.count_by_histc(position.clone(), bins).tolist() == expected
+
+
+def test_ranges_that_collapse_in_float32_are_not_usable():
+    assert stats.usable_range(-1.5, 2.0, 64)
+    assert not stats.usable_range(1.0, 1.000000001, 64)  # one float32
+    assert not stats.usable_range(0.0, 1e-46, 64)  # below the float32 spacing at zero
+    assert not stats.usable_range(-1e39, 1e39, 64)  # beyond float32
+    assert not stats.usable_range(2.0, 1.0, 64)
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():
@@ -393,3 +404,14 @@ def test_rows_without_extremes_keep_exact_sums_and_non_finite_counts():
     assert rows[0, stats.F_SUMSQ].item() == pytest.approx(reference.square().sum().item(), rel=1e-6)
     assert rows[1, stats.F_NONFINITE] == 3 and math.isnan(rows[1, stats.F_SUM]) and math.isnan(rows[1, stats.F_SUMSQ])
     assert rows[2, stats.F_NONFINITE] == 0 and rows[2, stats.F_SUM].item() == pytest.approx(64e300, rel=1e-12)
+
+
+@pytest.mark.parametrize("values", [[1e60, math.nan], [-1e61, math.nan, 3.0], [1e308, math.inf, 1e308]])
+def test_float64_values_beyond_float32_count_their_non_finite_values(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    store = stats.RowStore()
+    store.reduce(x, zeros=True)
+    store.reduce(x, extremes=False)
+    rows = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    expected = sum(not math.isfinite(v) for v in values)
+    assert rows[:, stats.F_NONFINITE].tolist() == [expected, expected]
