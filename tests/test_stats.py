@@ -415,3 +415,52 @@ def test_float64_values_beyond_float32_count_their_non_finite_values(values):
     rows = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
     expected = sum(not math.isfinite(v) for v in values)
     assert rows[:, stats.F_NONFINITE].tolist() == [expected, expected]
+
+
+class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Count ATen operations that launch work on a device (views and metadata left out)."""
+
+    VIEWS = ("view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze", "expand", "detach",
+             "alias", "split", "unbind", "t.default", "transpose", "permute")
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not any(v in name for v in self.VIEWS):
+            self.names.append(name.split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_cuda_path_launches_few_operations(monkeypatch):
+    """What a GPU step's cost rests on (launches, not values): five operations per activation,
+    three per gradient without histograms, two per weight, six per histogram chunk with a
+    range hint, and a fixed number per block of rows, whatever their count."""
+    monkeypatch.setattr(native, "enabled", False)
+    monkeypatch.setattr(stats, "welford_on_cpu", True)
+    x = torch.randn(4, 8, 16)
+    store = stats.RowStore()
+    monkeypatch.setattr(stats, "_bin_counts", stats.count_by_histc)  # what a CUDA device takes
+    store.reduce(x, zeros=True)  # warm the constants and scratch buffers, as a previous step would have
+    store.reduce(x, extremes=False)
+    store.moments(x)
+    stats.add_histogram(None, x, (-1.0, 1.0), 16)
+    for call, expected in [
+        (lambda: store.reduce(x, zeros=True), ["aminmax", "copy_", "nan_to_num_", "var_mean", "count_nonzero"]),
+        (lambda: store.reduce(x, extremes=False), ["copy_", "nan_to_num_", "var_mean"]),
+        (lambda: store.moments(x), ["copy_", "var_mean"]),
+        (lambda: stats.add_histogram(None, x, (-1.0, 1.0), 16),
+         ["sub", "mul_", "nan_to_num_", "clamp_", "floor_", "histc"]),
+    ]:
+        with _CountOperations() as counted:
+            call()
+        assert counted.names == expected
+    for n_rows in (10, 200):
+        rows = stats.RowStore()
+        for _ in range(n_rows):
+            rows.reduce(x, zeros=True)
+        with _CountOperations() as counted:
+            rows.collect(torch.device("cpu"))
+        assert len(counted.names) <= 2 * stats.RAW_WIDTH + 2, counted.names
