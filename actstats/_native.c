@@ -222,14 +222,22 @@ static int argument_count(const char *kernel, Py_ssize_t nargs, Py_ssize_t expec
     return 0;
 }
 
+/* The leading (float32 values address, count) pair every kernel takes, from args[0] and args[1];
+ * the caller checks PyErr_Occurred(). */
+static void values_argument(PyObject *const *args, const float **x, int64_t *n) {
+    *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    *n = PyLong_AsLongLong(args[1]);
+}
+
 /* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
  * out_ptr -> 8 float64; with the unit arguments, x is [outer, units, inner] and units_ptr -> `units`
  * float32 maxima (NaN for a unit that saw a NaN, as amax gives), written or fmax-merged. */
 static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!argument_count("moments", nargs, 7, 12))
         return NULL;
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t n = PyLong_AsLongLong(args[1]);
+    const float *x;
+    int64_t n;
+    values_argument(args, &x, &n);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
     int want_zeros = PyObject_IsTrue(args[3]);
     int want_saturation = PyObject_IsTrue(args[4]);
@@ -299,8 +307,9 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
 static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!argument_count("sums", nargs, 3, 3))
         return NULL;
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t n = PyLong_AsLongLong(args[1]);
+    const float *x;
+    int64_t n;
+    values_argument(args, &x, &n);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
     if (PyErr_Occurred())
         return NULL;
@@ -336,8 +345,9 @@ static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, 
 static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!argument_count("histogram", nargs, 5, 5))
         return NULL;
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t n = PyLong_AsLongLong(args[1]);
+    const float *x;
+    int64_t n;
+    values_argument(args, &x, &n);
     const double *bounds = (const double *)PyLong_AsVoidPtr(args[2]);
     int64_t bins = PyLong_AsLongLong(args[3]);
     double *counts = (double *)PyLong_AsVoidPtr(args[4]);
@@ -391,8 +401,9 @@ static int row_differs_f32(const float *row, const float *first, int64_t width) 
 static PyObject *py_rows_equal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!argument_count("rows_equal", nargs, 3, 3))
         return NULL;
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    int64_t rows = PyLong_AsLongLong(args[1]);
+    const float *x;
+    int64_t rows;
+    values_argument(args, &x, &rows);
     int64_t width = PyLong_AsLongLong(args[2]);
     if (PyErr_Occurred())
         return NULL;

@@ -510,7 +510,7 @@ class Recorder:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
         the min/max of ``rows`` (a float64 tensor on the device)."""
         hint = self.range_hints.get(name, (None, None))[which]
-        if hint is not None and all(map(_finite, hint)) and stats.usable_range(hint[0], hint[1], self.bins):
+        if hint is not None and stats.usable_range(hint[0], hint[1], self.bins):  # finite, too
             return float(hint[0]), float(hint[1])
         return stats.histogram_range(self.store.extremes(rows, device))
 
@@ -698,6 +698,3 @@ _ROW_ROOT = [stats.F_N, stats.F_SUMSQ, stats.F_NONFINITE]
 _ACT_ADDITIVE = [c for c in range(stats.ACT_WIDTH) if c not in (stats.A_MIN, stats.A_MAX)]
 _GRAD_ADDITIVE = stats.G_NONFINITE + 1  # count, sum, sum of squares, non-finite
 
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))

@@ -379,7 +379,7 @@ class RowStore:
         blocks = self._blocks + ([self._open_block()] if self._rows else [])
         if not blocks:
             return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
-        return torch.cat([b.to(device=device, dtype=torch.float64) for b in blocks])
+        return join(blocks, device)
 
 
 def _stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:

@@ -127,9 +127,8 @@ def weight_figures(modules: Sequence[nn.Module], *,
     if not layout:
         return None, lambda host: {}
     device = firsts[0].device
-    numels = stats.to_device(store.numels(), torch.float64, device)
-    final = stats.finalize(store.collect(device), numels)
-    owner = stats.to_device(owners, torch.long, device)
+    numels, owner = stats.to_device(store.numels() + owners, torch.long, device).split([len(store), len(owners)])
+    final = stats.finalize(store.collect(device), numels.double())
     per_part = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ])
     n, total, sumsq = per_part.unbind(1)
     mean, mean_square = total / n, sumsq / n
