@@ -92,9 +92,10 @@ def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float
     bins = len(counts)
     step = (high - low) / bins
     edges = [low + i * step for i in range(bins)] + [high]  # as np.linspace(low, high, bins + 1)
-    if not all(map(operator.lt, edges, edges[1:])):  # a range narrower than the float spacing
+    try:
+        return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
+    except ValueError:  # edges not strictly increasing: a range narrower than the float spacing
         return None
-    return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
 
 
 @dataclass(frozen=True)
