@@ -139,11 +139,12 @@ static void moments_start(Moments *m) {
     m->max = -INFINITY;
 }
 
-/* Add one block of at most BLOCK values to m. */
+/* Add one block of at most BLOCK values to m; the block's own figures are left in b. */
 static void moments_add(const float *x, int64_t size, float shift, float mid, float threshold, BlockFn block,
-                        Moments *m) {
+                        Moments *m, Block *block_out) {
     Block b;
     block(x, size, shift, mid, threshold, &b);
+    *block_out = b;
     float span = fmaxf(b.high - shift, shift - b.low);
     if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN) || is_nonfinite(b.sumsq))) {
         block_sums_f64(x, size, shift, &m->sum, &m->sumsq);
@@ -160,9 +161,10 @@ static void moments_add(const float *x, int64_t size, float shift, float mid, fl
 
 static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
                         Moments *m) {
+    Block b;
     moments_start(m);
     for (int64_t start = 0; start < n; start += BLOCK)
-        moments_add(x + start, n - start < BLOCK ? n - start : BLOCK, shift, mid, threshold, block, m);
+        moments_add(x + start, n - start < BLOCK ? n - start : BLOCK, shift, mid, threshold, block, m, &b);
 }
 
 VECTOR_CLONES
@@ -189,25 +191,31 @@ static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
     *nan |= any_nan;
 }
 
-/* moments_f32 of x seen as [outer, units, inner], and each unit's largest value: every block
- * of values is swept a second time while it is in the L1 cache. */
+/* moments_f32 of x seen as [outer, units, inner], and each unit's largest value. With units in
+ * the last dimension (inner == 1), every block of values is swept a second time while it is in
+ * the L1 cache; otherwise a block lies within one unit and its maximum is the block's own, swept
+ * again only when the block holds NaN or Inf (the block's maximum ignores NaN). */
 static void moments_units_f32(const float *x, int64_t outer, int64_t units, int64_t inner, float shift, float mid,
                               float threshold, BlockFn block, Moments *m, float *high, char *nan) {
+    Block b;
     moments_start(m);
     for (int64_t o = 0; o < outer; o++) {
         const float *slab = x + o * units * inner;
         if (inner == 1) {
             for (int64_t u = 0; u < units; u += BLOCK) {
                 int64_t size = units - u < BLOCK ? units - u : BLOCK;
-                moments_add(slab + u, size, shift, mid, threshold, block, m);
+                moments_add(slab + u, size, shift, mid, threshold, block, m, &b);
                 row_max_f32(slab + u, size, high + u, nan + u);
             }
         } else {
             for (int64_t u = 0; u < units; u++) {
                 for (int64_t i = 0; i < inner; i += BLOCK) {
                     int64_t size = inner - i < BLOCK ? inner - i : BLOCK;
-                    moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m);
-                    block_max_f32(slab + u * inner + i, size, high + u, nan + u);
+                    moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m, &b);
+                    if (b.nonfinite)
+                        block_max_f32(slab + u * inner + i, size, high + u, nan + u);
+                    else if (b.high > high[u])
+                        high[u] = b.high;
                 }
             }
         }

@@ -191,6 +191,20 @@ def test_unit_maxima_of_another_width_leave_the_merged_vector_as_it_is():
     assert after.tolist() == [1.0, -1.0] and store.numels()[rows[0]] == 12
 
 
+def test_unit_maxima_of_planes_of_several_blocks_with_non_finite_values():
+    # the kernel takes a plane's maximum from its blocks' own maxima, and sweeps again a block
+    # holding NaN or Inf: each kind of value in a block other than the first
+    x = -torch.rand(2, 5, 1100, generator=torch.Generator().manual_seed(9)) - 1.0
+    x[1, 0, 1050] = math.inf
+    x[0, 1, 600] = -math.inf
+    x[1, 2, 1099] = math.nan
+    x[:, 3] = -math.inf
+    x[0, 4, 513] = 7.0
+    _, maxima = stats.RowStore().reduce_units(x, None, 1)
+    torch.testing.assert_close(maxima, x.amax(dim=(0, 2)), rtol=0, atol=0, equal_nan=True)
+    assert math.isnan(maxima[2]) and maxima[0] == math.inf and maxima[3] == -math.inf and maxima[4] == 7.0
+
+
 @pytest.mark.parametrize("shape, dim", [((3, 1030), -1), ((2, 3, 700), 1), ((5,), 0), ((), 0)])
 def test_unit_maxima_of_wide_and_odd_shapes(shape, dim):
     # rows wider than the kernel's block, planes of several blocks, one unit per value, a scalar
