@@ -23,9 +23,16 @@
  *                  about 200 us per KB: more than the histograms it frames).
  *
  * Arguments are addresses (Tensor.data_ptr()) and sizes; the caller checks dtype,
- * device and layout. The interpreter lock is released while a kernel runs. Kernels run on the
- * calling thread: a thread of our own would compete with PyTorch's intra-op threads, which
- * keep spinning for a while after each parallel operation (measured slower on 2 CPUs).
+ * device and layout. The interpreter lock is released while a kernel runs.
+ *
+ * Threads: moments, sums and histogram split a large tensor among the threads of PyTorch's own
+ * OpenMP pool (as many as torch.get_num_threads(), found at import by name in the process:
+ * PyTorch's Linux wheels load their libgomp globally). Threads of our own would compete with
+ * PyTorch's, which keep spinning for a while after each parallel operation; the pool's threads
+ * are those. Without that runtime (other platforms, or a build of PyTorch without OpenMP) the
+ * kernels run on the calling thread. Each thread takes a contiguous run of whole blocks (whole
+ * samples for unit maxima); the parts are merged in thread order, so a result depends on the
+ * number of threads only through the order of float64 additions (histogram counts not at all).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,6 +41,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 /* one build runs the AVX2 code where the CPU has it, the baseline elsewhere */
@@ -65,6 +76,83 @@ typedef struct {
  * one that lies closer than TINY (but not at 0) could underflow: both are summed in float64. */
 #define HUGE_SPAN 18014398509481984.0f /* 2**54: 512 squares stay below 2**117 */
 #define TINY_SPAN 9.094947017729282e-13f /* 2**-40 */
+
+/* --- threads: PyTorch's OpenMP pool, when the process has one --------------------------- */
+
+typedef void (*ParallelFn)(void (*)(void *), void *, unsigned, unsigned);
+static ParallelFn gomp_parallel = NULL; /* GOMP_parallel(fn, data, threads, flags) */
+static int (*omp_thread_num)(void) = NULL;
+static int (*omp_num_threads)(void) = NULL;
+static int (*omp_max_threads)(void) = NULL;
+
+#define MAX_TEAM 64
+/* Values per thread below which a kernel does not split (waking a thread costs microseconds). */
+#define TEAM_MIN_VALUES (1 << 16)
+
+static void team_init(void) {
+#if defined(__linux__)
+    gomp_parallel = (ParallelFn)dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    omp_thread_num = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_thread_num");
+    omp_num_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_num_threads");
+    omp_max_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_max_threads");
+#endif
+    if (gomp_parallel == NULL || omp_thread_num == NULL || omp_num_threads == NULL || omp_max_threads == NULL)
+        gomp_parallel = NULL;
+}
+
+/* Threads to ask for: PyTorch's count in this thread (torch.set_num_threads sets the OpenMP one),
+ * at most one per TEAM_MIN_VALUES values of `values`, and at most `items` (the pieces to share). */
+static int team_size(int64_t values, int64_t items) {
+    if (gomp_parallel == NULL)
+        return 1;
+    int64_t threads = omp_max_threads();
+    if (threads > values / TEAM_MIN_VALUES)
+        threads = values / TEAM_MIN_VALUES;
+    if (threads > items)
+        threads = items;
+    if (threads > MAX_TEAM)
+        threads = MAX_TEAM;
+    return threads < 1 ? 1 : (int)threads;
+}
+
+typedef void (*PieceFn)(void *job, int place, int team);
+
+typedef struct {
+    PieceFn piece;
+    void *job;
+    int team; /* the threads that ran, written by thread 0 */
+} TeamCall;
+
+static void team_entry(void *data) {
+    TeamCall *call = data;
+    int place = omp_thread_num(), team = omp_num_threads();
+    if (place == 0)
+        call->team = team;
+    if (team <= MAX_TEAM) /* a runtime that gave more threads than asked: run_team falls back */
+        call->piece(call->job, place, team);
+}
+
+/* Run piece(job, place, team) for place = 0 .. team - 1, on `threads` threads of the pool (the
+ * caller is one of them) or on the calling thread; return the team (the runtime may give fewer
+ * threads than asked). Called without the interpreter lock. */
+static int run_team(PieceFn piece, void *job, int threads) {
+    if (threads > 1) {
+        TeamCall call = {piece, job, 1};
+        gomp_parallel(team_entry, &call, (unsigned)threads, 0);
+        if (call.team <= MAX_TEAM)
+            return call.team;
+    }
+    piece(job, 0, 1);
+    return 1;
+}
+
+/* The part [*start, *end) of `items` that thread `place` of `team` takes. */
+static void share(int64_t items, int place, int team, int64_t *start, int64_t *end) {
+    *start = items * place / team;
+    *end = items * (place + 1) / team;
+}
+
+/* --- one-pass moments -------------------------------------------------------------------- */
 
 typedef struct {
     float sum, sumsq, low, high;
@@ -222,6 +310,44 @@ static void moments_units_f32(const float *x, int64_t outer, int64_t units, int6
     }
 }
 
+/* Add the part p to m. */
+static void moments_merge(Moments *m, const Moments *p) {
+    m->sum += p->sum;
+    m->sumsq += p->sumsq;
+    m->zeros += p->zeros;
+    m->saturated += p->saturated;
+    m->nonfinite += p->nonfinite;
+    m->min = p->min < m->min ? p->min : m->min;
+    m->max = p->max > m->max ? p->max : m->max;
+}
+
+typedef struct {
+    const float *x;
+    int64_t n, outer, units, inner;
+    float shift, mid, threshold;
+    BlockFn block;
+    float *high; /* unit maxima: `units` per thread */
+    char *nan;
+    Moments part[MAX_TEAM];
+} MomentsJob;
+
+static void moments_piece(void *data, int place, int team) {
+    MomentsJob *job = data;
+    int64_t start, end;
+    if (job->high == NULL) { /* whole blocks of the flat values */
+        share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
+        start *= BLOCK;
+        end = end * BLOCK < job->n ? end * BLOCK : job->n;
+        moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block,
+                    &job->part[place]);
+    } else { /* whole samples (outer indices), each thread with maxima of its own */
+        share(job->outer, place, team, &start, &end);
+        moments_units_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
+                          job->shift, job->mid, job->threshold, job->block, &job->part[place],
+                          job->high + place * job->units, job->nan + place * job->units);
+    }
+}
+
 /* False, with a TypeError set, unless a kernel got `expected` (or `also`) arguments. */
 static int argument_count(const char *kernel, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t also) {
     if (nargs == expected || nargs == also)
@@ -267,38 +393,45 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "moments needs values, and a [outer, units, inner] layout of them");
         return NULL;
     }
-    float *high = NULL;
-    char *nan_units = NULL;
+    float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
+    MomentsJob job = {x, n, outer, units, inner, shift, (float)mid, (float)threshold,
+                      want_saturation ? block_all : want_zeros ? block_zeros : block_plain, NULL, NULL};
+    int threads = team_size(n, unit_out != NULL ? outer : (n + BLOCK - 1) / BLOCK);
     if (unit_out != NULL) {
-        high = malloc((size_t)units * sizeof *high);
-        nan_units = calloc((size_t)units, 1);
-        if (high == NULL || nan_units == NULL) {
-            free(high);
-            free(nan_units);
+        job.high = malloc((size_t)(threads * units) * sizeof *job.high);
+        job.nan = calloc((size_t)(threads * units), 1);
+        if (job.high == NULL || job.nan == NULL) {
+            free(job.high);
+            free(job.nan);
             return PyErr_NoMemory();
         }
-        for (int64_t u = 0; u < units; u++)
-            high[u] = -INFINITY;
+        for (int64_t u = 0; u < threads * units; u++)
+            job.high[u] = -INFINITY;
     }
     Moments m;
-    float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
-    BlockFn block = want_saturation ? block_all : want_zeros ? block_zeros : block_plain;
     int nan = 0;
     Py_BEGIN_ALLOW_THREADS
+    int team = run_team(moments_piece, &job, threads);
+    m = job.part[0];
+    for (int t = 1; t < team; t++)
+        moments_merge(&m, &job.part[t]);
     if (unit_out != NULL) {
-        moments_units_f32(x, outer, units, inner, shift, (float)mid, (float)threshold, block, &m, high, nan_units);
         for (int64_t u = 0; u < units; u++) {
-            float value = nan_units[u] ? NAN : high[u];
+            float high = job.high[u];
+            char any_nan = job.nan[u];
+            for (int t = 1; t < team; t++) {
+                high = job.high[t * units + u] > high ? job.high[t * units + u] : high;
+                any_nan |= job.nan[t * units + u];
+            }
+            float value = any_nan ? NAN : high;
             unit_out[u] = merge ? fmaxf(unit_out[u], value) : value;
         }
-    } else {
-        moments_f32(x, n, shift, (float)mid, (float)threshold, block, &m);
     }
     for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
         nan = x[i] != x[i];
     Py_END_ALLOW_THREADS
-    free(high);
-    free(nan_units);
+    free(job.high);
+    free(job.nan);
     out[0] = shift;
     out[1] = 1.0;
     out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
@@ -308,6 +441,21 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     out[6] = want_zeros ? (double)m.zeros : 0.0;
     out[7] = want_saturation ? (double)m.saturated : 0.0;
     Py_RETURN_NONE;
+}
+
+typedef struct {
+    const float *x;
+    int64_t n;
+    float shift;
+    double sum[MAX_TEAM], sumsq[MAX_TEAM];
+} SumsJob;
+
+static void sums_piece(void *data, int place, int team) {
+    SumsJob *job = data;
+    int64_t start, end;
+    share(job->n, place, team, &start, &end);
+    job->sum[place] = job->sumsq[place] = 0.0;
+    block_sums_f64(job->x + start, end - start, job->shift, &job->sum[place], &job->sumsq[place]);
 }
 
 /* sums(x_ptr, n, out_ptr): out_ptr -> 8 float64: shift c, scale 1, sum(x - c), sum((x - c)^2) in
@@ -325,12 +473,16 @@ static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "sums needs at least one value");
         return NULL;
     }
-    float shift = x[0];
+    SumsJob job = {x, n, x[0]};
     double sum = 0.0, sumsq = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    block_sums_f64(x, n, shift, &sum, &sumsq);
+    int team = run_team(sums_piece, &job, team_size(n, n));
+    for (int t = 0; t < team; t++) {
+        sum += job.sum[t];
+        sumsq += job.sumsq[t];
+    }
     Py_END_ALLOW_THREADS
-    double row[8] = {shift, 1.0, sum, sumsq, 0.0, 0.0, 0.0, 0.0};
+    double row[8] = {job.shift, 1.0, sum, sumsq, 0.0, 0.0, 0.0, 0.0};
     memcpy(out, row, sizeof row);
     Py_RETURN_NONE;
 }
@@ -346,6 +498,42 @@ static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, 
         int32_t bad = (bits & EXPONENT) == EXPONENT;
         position = position < 0.0f ? 0.0f : position > last ? last : position;
         index[i] = bad ? bins : (int32_t)position;
+    }
+}
+
+typedef struct {
+    const float *x;
+    int64_t n;
+    float low, per_unit;
+    int64_t bins;
+    double *counts; /* `bins` per thread, then the threads' tallies (4 * (bins + 1) int32 each) */
+} HistogramJob;
+
+/* Bin this thread's run of whole blocks into its own counts: bins + 1 slots (the last one takes
+ * what is dropped), four interleaved int32 tallies so that equal neighbours do not wait on one
+ * another, emptied into the float64 counts every FLUSH values. */
+static void histogram_piece(void *data, int place, int team) {
+    HistogramJob *job = data;
+    int64_t bins = job->bins, slots = bins + 1, start, end;
+    double *counts = job->counts + place * bins;
+    int32_t *tally = (int32_t *)(job->counts + team * bins) + place * 4 * slots;
+    share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
+    int32_t index[BLOCK + 3];
+    for (int64_t block = start; block < end; block++) {
+        int64_t first = block * BLOCK, size = job->n - first < BLOCK ? job->n - first : BLOCK;
+        bin_index_f32(job->x + first, size, job->low, job->per_unit, (int32_t)bins, index);
+        index[size] = index[size + 1] = index[size + 2] = (int32_t)bins; /* padding: the dropped slot */
+        for (int64_t i = 0; i < size; i += 4) {
+            tally[index[i]]++;
+            tally[slots + index[i + 1]]++;
+            tally[2 * slots + index[i + 2]]++;
+            tally[3 * slots + index[i + 3]]++;
+        }
+        if ((block - start) % (FLUSH / BLOCK) == FLUSH / BLOCK - 1 || block + 1 == end) {
+            for (int64_t b = 0; b < bins; b++)
+                counts[b] += (double)tally[b] + tally[slots + b] + tally[2 * slots + b] + tally[3 * slots + b];
+            memset(tally, 0, (size_t)(4 * slots) * sizeof *tally);
+        }
     }
 }
 
@@ -365,34 +553,20 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "histogram needs between 1 and 2**31 - 2 bins");
         return NULL;
     }
-    /* bins + 1 slots (the last one takes what is dropped), four interleaved int32 tallies so that
-     * equal neighbours do not wait on one another, emptied into the float64 counts every FLUSH values */
-    int64_t slots = bins + 1;
-    int32_t *tally = calloc((size_t)(4 * slots), sizeof *tally);
-    if (tally == NULL)
-        return PyErr_NoMemory();
     float low = (float)bounds[0], high = (float)bounds[1];
-    float per_unit = (float)bins / (high - low);
+    int threads = team_size(n, (n + BLOCK - 1) / BLOCK);
+    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, NULL};
+    /* each thread's counts (float64) and four tallies (int32) over bins + 1 slots */
+    job.counts = calloc((size_t)(threads * (bins + 2 * (bins + 1))), sizeof *job.counts);
+    if (job.counts == NULL)
+        return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    int32_t index[BLOCK + 3];
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t size = n - start < BLOCK ? n - start : BLOCK;
-        bin_index_f32(x + start, size, low, per_unit, (int32_t)bins, index);
-        index[size] = index[size + 1] = index[size + 2] = (int32_t)bins; /* padding: the dropped slot */
-        for (int64_t i = 0; i < size; i += 4) {
-            tally[index[i]]++;
-            tally[slots + index[i + 1]]++;
-            tally[2 * slots + index[i + 2]]++;
-            tally[3 * slots + index[i + 3]]++;
-        }
-        if ((start / BLOCK) % (FLUSH / BLOCK) == FLUSH / BLOCK - 1 || start + BLOCK >= n) {
-            for (int64_t b = 0; b < bins; b++)
-                counts[b] += (double)tally[b] + tally[slots + b] + tally[2 * slots + b] + tally[3 * slots + b];
-            memset(tally, 0, (size_t)(4 * slots) * sizeof *tally);
-        }
-    }
+    int team = run_team(histogram_piece, &job, threads);
+    for (int t = 0; t < team; t++)
+        for (int64_t b = 0; b < bins; b++)
+            counts[b] += job.counts[t * bins + b];
     Py_END_ALLOW_THREADS
-    free(tally);
+    free(job.counts);
     Py_RETURN_NONE;
 }
 
@@ -451,12 +625,21 @@ static PyObject *py_masked_crc32c(PyObject *self, PyObject *data) {
     return PyLong_FromUnsignedLong(masked);
 }
 
+/* team(n) -> int: the threads a kernel would ask for to read n values (for tests and benchmarks) */
+static PyObject *py_team(PyObject *self, PyObject *arg) {
+    int64_t n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(team_size(n, n));
+}
+
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
     {"sums", (PyCFunction)(void (*)(void))py_sums, METH_FASTCALL, "Float64 sums of a float32 vector."},
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
     {"masked_crc32c", py_masked_crc32c, METH_O, "TensorBoard's masked CRC-32C of a bytes-like object."},
+    {"team", py_team, METH_O, "Threads a kernel would ask for to read n values."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -464,5 +647,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "One-pass 
 
 PyMODINIT_FUNC PyInit__native(void) {
     crc_table_init();
+    team_init();
     return PyModule_Create(&module);
 }

@@ -478,3 +478,4 @@ def test_the_cuda_path_launches_few_operations(monkeypatch):
         with _CountOperations() as counted:
             rows.collect(torch.device("cpu"))
         assert len(counted.names) <= 2 * stats.RAW_WIDTH + 2, counted.names
+

@@ -1,0 +1,69 @@
+"""The kernels share a large tensor among PyTorch's own threads (actstats/_native.c, "Threads")."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from actstats import native, stats
+from tests.test_stats import _numpy_histogram
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """The kernels on, and PyTorch's thread count at 2 for one test (the suite runs on one)."""
+    assert native.kernels is not None, "actstats/_native.c is not built: pip install -e . needs a C compiler"
+    monkeypatch.setattr(native, "enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kernel_figures(x, units_dim, bounds):
+    """Kernel rows (activation with unit maxima, plain, weights) and histogram counts of ``x``."""
+    store = stats.RowStore()
+    act, maxima = store.reduce_units(x, None, units_dim, zeros=True)
+    plain = store.reduce(x, saturation=(-1.0, 1.0), eps=0.01)
+    weights = store.moments(x)
+    rows = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    counts = stats.add_histogram(None, x, bounds, 64)
+    return rows[act + plain + weights], maxima, counts
+
+
+@pytest.mark.parametrize("shape, units_dim", [((6, 3, 30011), 1), ((3001, 100), -1), ((400_003,), 0)])
+def test_kernels_split_large_tensors_among_pytorch_threads(two_threads, shape, units_dim):
+    # PyTorch's thread count decides (its OpenMP runtime is found by name on Linux; elsewhere the
+    # kernels run on one thread); a tensor too small for two threads of 2**16 values stays on one
+    assert native.kernels.team(1 << 20) == (2 if sys.platform == "linux" else 1)
+    assert native.kernels.team(100_000) == 1
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen)
+    flat = x.view(-1)
+    flat[flat.numel() // 3] = 0.0
+    flat[flat.numel() // 2:flat.numel() // 2 + 700] = 0.0
+    finite = x.clone()
+    flat[-5] = float("nan")  # in the second thread's part
+    flat[flat.numel() // 4] = float("inf")
+    for t in (finite, x):
+        two = _kernel_figures(t, units_dim, (-3.0, 3.0))
+        torch.set_num_threads(1)
+        one = _kernel_figures(t, units_dim, (-3.0, 3.0))
+        torch.set_num_threads(2)
+        exact = [stats.F_N, stats.F_ZEROS, stats.F_NONFINITE, stats.F_SATURATED, stats.F_MIN, stats.F_MAX]
+        assert torch.equal(two[0][:, exact].nan_to_num(7.0), one[0][:, exact].nan_to_num(7.0))
+        torch.testing.assert_close(two[0], one[0], rtol=1e-12, atol=0, equal_nan=True)  # float64 order only
+        torch.testing.assert_close(two[1], one[1], rtol=0, atol=0, equal_nan=True)  # unit maxima
+        assert torch.equal(two[2], one[2])  # histogram counts
+        # and each equals what PyTorch computes
+        view = t.reshape(1) if t.dim() == 0 else t
+        dims = [d for d in range(view.dim()) if d != units_dim % view.dim()]
+        torch.testing.assert_close(two[1], view.amax(dim=dims) if dims else view, rtol=0, atol=0, equal_nan=True)
+        values = t[torch.isfinite(t)].double()
+        assert two[0][0, stats.F_NONFINITE] == t.numel() - values.numel()
+        assert two[0][0, stats.F_ZEROS] == int((t == 0).sum())
+        assert np.array_equal(two[2].numpy(), _numpy_histogram(t.numpy().ravel(), -3.0, 3.0, 64))
+        if values.numel() == t.numel():
+            assert float(two[0][2, stats.F_SUM]) == pytest.approx(float(values.sum()), rel=1e-9, abs=1e-6)
+            assert float(two[0][2, stats.F_SUMSQ]) == pytest.approx(float(values.square().sum()), rel=1e-9)
