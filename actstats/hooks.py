@@ -620,26 +620,30 @@ class Recorder:
     def _parse(self, states: list[RecordState], sums: np.ndarray, maxes: np.ndarray) -> list[RecordSummary]:
         """Build the summaries on the host, from numpy slices of the step's single transfer."""
         n_rec, n_act = len(states), len(_ACT_ADDITIVE)
-        act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act).tolist()
-        grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE).tolist()
-        extremes = maxes[:n_rec * 4].reshape(n_rec, 4).tolist()
+        act_sums = sums[:n_rec * n_act].reshape(n_rec, n_act)
+        grad_sums = sums[n_rec * n_act:n_rec * (n_act + _GRAD_ADDITIVE)].reshape(n_rec, _GRAD_ADDITIVE)
+        extremes = maxes[:n_rec * 4].reshape(n_rec, 4)
         i, j = n_rec * (n_act + _GRAD_ADDITIVE), n_rec * 4  # where the per-record extras start
+        rows = np.zeros((n_rec, stats.ACT_WIDTH))
+        rows[:, _ACT_ADDITIVE] = act_sums
+        high, low = extremes[:, 0], -extremes[:, 1]
+        ordered = low <= high  # else no finite value was seen
+        rows[:, stats.A_MIN], rows[:, stats.A_MAX] = np.where(ordered, low, math.nan), np.where(ordered, high, math.nan)
+        acts = stats.summarize_activation_rows(rows)
+        grads = stats.summarize_gradient_rows(grad_sums)
+        rows_host, grad_host, extremes_host = rows.tolist(), grad_sums.tolist(), extremes.tolist()
         out: list[RecordSummary] = []
         for r, s in enumerate(states):
-            row = [0.0] * stats.ACT_WIDTH
-            for col, value in zip(_ACT_ADDITIVE, act_sums[r]):
-                row[col] = value
-            high, neg_low, g_high, g_neg_low = extremes[r]
-            row[stats.A_MIN], row[stats.A_MAX] = (-neg_low, high) if -neg_low <= high else (math.nan,) * 2
-            grad_row = grad_sums[r]
+            row, grad_row = rows_host[r], grad_host[r]
+            _, _, g_high, g_neg_low = extremes_host[r]
             dead_frac = None
             if s.unit_max is not None:
                 alive = maxes[j:j + s.unit_max.numel()]
                 j += s.unit_max.numel()
                 if row[stats.A_N] > 0:  # no value seen (empty batches): no unit is known dead
                     dead_frac = float((alive == 0).sum() / alive.size)
-            act, input_rms, input_numel, saturated = stats.summarize_activations(row)
-            grad = stats.summarize_gradients(grad_row) if s.grad_calls else None
+            act, input_rms, input_numel, saturated = acts[r]
+            grad = grads[r] if s.grad_calls else None
             act_hist = grad_hist = None
             if s.act_hist is not None:
                 counts = sums[i:i + self.bins]

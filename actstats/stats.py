@@ -599,28 +599,6 @@ def _host_affine(bounds: tuple[float, float], bins: int, dtype: torch.dtype) -> 
 
 
 @dataclass(frozen=True)
-class Moments:
-    """Merged count, mean, population std and rms (``nan`` when non-finite values were seen)."""
-
-    n: float
-    mean: float
-    std: float
-    rms: float
-
-
-def merge_moments(n: float, total: float, sumsq: float) -> Moments:
-    """Mean and population std from a merged count, sum and sum of squares (float64)."""
-    if n == 0:
-        return Moments(0.0, math.nan, math.nan, math.nan)
-    mean = total / n
-    mean_square = sumsq / n
-    var = mean_square - mean * mean
-    std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
-    rms = math.sqrt(mean_square) if math.isfinite(mean_square) and mean_square >= 0 else math.nan
-    return Moments(n, mean, std, rms)
-
-
-@dataclass(frozen=True)
 class ActStats:
     """Statistics of a record's outputs over all probe batches (population std)."""
 
@@ -644,34 +622,60 @@ class GradStats:
     nonfinite: int
 
 
+def _moment_columns(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, population std and rms per row from merged counts, sums and sums of squares
+    (float64): ``std = sqrt(max(E[x^2] - mean^2, 0))``; NaN where the count is 0 or a figure
+    is not finite."""
+    with np.errstate(all="ignore"):
+        mean = total / n
+        mean_square = sumsq / n
+        var = mean_square - mean * mean
+        std = np.where(np.isfinite(var), np.sqrt(np.maximum(var, 0.0)), math.nan)
+        rms = np.where(np.isfinite(mean_square) & (mean_square >= 0), np.sqrt(np.maximum(mean_square, 0.0)), math.nan)
+    empty = n == 0
+    return np.where(empty, math.nan, mean), np.where(empty, math.nan, std), np.where(empty, math.nan, rms)
+
+
+def summarize_activation_rows(rows: np.ndarray) -> list[tuple[ActStats, float, int, float]]:
+    """Records' merged activation rows (``[records, ACT_WIDTH]``, ``A_*`` columns), each as
+    ``(ActStats, input_rms, input_numel, saturated_frac)``; the arithmetic is done for all rows at once."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, ACT_WIDTH)
+    n, nonfinite = rows[:, A_N], rows[:, A_NONFINITE]
+    mean, std, rms = _moment_columns(n, rows[:, A_SUM], rows[:, A_SUMSQ])
+    dirty = nonfinite != 0
+    mean, std, rms = (np.where(dirty, math.nan, c) for c in (mean, std, rms))
+    numel = np.trunc(n)
+    seen = numel != 0
+    in_n, in_sumsq = rows[:, A_IN_N], rows[:, A_IN_SUMSQ]
+    with np.errstate(all="ignore"):
+        in_rms = np.where((in_n > 0) & np.isfinite(in_sumsq) & (in_sumsq >= 0), np.sqrt(in_sumsq / in_n), math.nan)
+        zero_frac = np.where(seen, rows[:, A_ZEROS] / numel, math.nan)
+        saturated = np.where(seen, rows[:, A_SATURATED] / numel, math.nan)
+    low, high = np.where(seen, rows[:, A_MIN], math.nan), np.where(seen, rows[:, A_MAX], math.nan)
+    columns = (mean, std, rms, low, high, zero_frac, numel, nonfinite, in_rms, in_n, saturated)
+    return [
+        (ActStats(mean=m, std=sd, rms=r, min=lo, max=hi, zero_frac=z, numel=int(k), nonfinite=int(bad)),
+         i_rms, int(i_n), sat)
+        for m, sd, r, lo, hi, z, k, bad, i_rms, i_n, sat in zip(*(c.tolist() for c in columns))
+    ]
+
+
+def summarize_gradient_rows(rows: np.ndarray) -> list[GradStats]:
+    """Records' merged gradient rows (``[records, 4]``, ``G_*`` columns) as :class:`GradStats`."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, G_NONFINITE + 1)
+    nonfinite = rows[:, G_NONFINITE]
+    mean, std, rms = _moment_columns(rows[:, G_N], rows[:, G_SUM], rows[:, G_SUMSQ])
+    dirty = nonfinite != 0
+    columns = [np.where(dirty, math.nan, c) for c in (mean, std, rms)] + [nonfinite]
+    return [GradStats(m, sd, r, int(bad)) for m, sd, r, bad in zip(*(c.tolist() for c in columns))]
+
+
 def summarize_activations(row: Sequence[float]) -> tuple[ActStats, float, int, float]:
-    """A record's merged activation row (``A_*`` columns) as ``(ActStats, input_rms, input_numel, saturated_frac)``."""
-    m = merge_moments(row[A_N], row[A_SUM], row[A_SUMSQ])
-    numel = int(m.n)
-    nonfinite = int(row[A_NONFINITE])
-    clean = nonfinite == 0
-    in_n = row[A_IN_N]
-    in_rms = math.nan
-    if in_n > 0 and math.isfinite(row[A_IN_SUMSQ]) and row[A_IN_SUMSQ] >= 0:
-        in_rms = math.sqrt(row[A_IN_SUMSQ] / in_n)
-    act = ActStats(
-        mean=m.mean if clean else math.nan,
-        std=m.std if clean else math.nan,
-        rms=m.rms if clean else math.nan,
-        min=float(row[A_MIN]) if numel else math.nan,
-        max=float(row[A_MAX]) if numel else math.nan,
-        zero_frac=row[A_ZEROS] / numel if numel else math.nan,
-        numel=numel,
-        nonfinite=nonfinite,
-    )
-    saturated = row[A_SATURATED] / numel if numel else math.nan
-    return act, in_rms, int(in_n), saturated
+    """One record's merged activation row (``A_*`` columns): :func:`summarize_activation_rows`."""
+    return summarize_activation_rows(np.asarray(row, dtype=np.float64))[0]
 
 
 def summarize_gradients(row: Sequence[float]) -> GradStats:
-    """A record's merged gradient row (``G_*`` columns) as :class:`GradStats`."""
-    m = merge_moments(row[G_N], row[G_SUM], row[G_SUMSQ])
-    nonfinite = int(row[G_NONFINITE])
-    if nonfinite:
-        return GradStats(math.nan, math.nan, math.nan, nonfinite)
-    return GradStats(m.mean, m.std, m.rms, nonfinite)
+    """One record's merged gradient row (``G_*`` columns): :func:`summarize_gradient_rows`."""
+    return summarize_gradient_rows(np.asarray(row, dtype=np.float64))[0]
