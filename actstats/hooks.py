@@ -81,6 +81,23 @@ def is_leaf(module: nn.Module) -> bool:
     return next(iter(module.children()), None) is None
 
 
+def modules_by_name(root: nn.Module) -> dict[str, nn.Module]:
+    """``dict(root.named_modules())``: every module once, under its first name, in pre-order;
+    walked with a stack rather than nested generators (a sampled step walks the model)."""
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found[name] = module
+        prefix = name + "." if name else ""
+        stack.extend(reversed([(prefix + key, child) for key, child in module._modules.items() if child is not None]))
+    return found
+
+
 def is_recorded(module: nn.Module, *, root: bool = False) -> bool:
     """True for a module that gets a record of its own.
 
@@ -250,6 +267,8 @@ class Recorder:
         self._leaf: dict[int, bool] = {}
         self._mode: _FunctionalActivations | None = None
         self._mode_off = False  # the mode is off the stack while a leaf runs
+        #: the root's modules by name, as of the latest look for new ones
+        self.modules: dict[str, nn.Module] = {}
         self.active = False
         self.generation = -1  # counts resets: gradient hooks of an earlier generation do nothing
         self.reset(histogram_bins=histogram_bins, range_hints=range_hints)
@@ -299,7 +318,8 @@ class Recorder:
     def _hook_new_modules(self) -> None:
         """Hook every module of the root not hooked yet: all of them on :meth:`attach`; after a
         :meth:`reset`, the modules added to the model since (checked at its next forward)."""
-        for name, module in self.root.named_modules():
+        self.modules = modules_by_name(self.root)
+        for name, module in self.modules.items():
             # Functional calls inside a leaf's own implementation belong to that leaf,
             # except in the root, whose forward is the model's own code.
             self._leaf[id(module)] = is_leaf(module) and module is not self.root

@@ -20,7 +20,7 @@ from actstats import inputs as inputs_mod
 from actstats import stats
 from actstats.diagnose import Thresholds, diagnose, following_activations
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.hooks import Recorder, RecordSummary, iter_tensors, unwrap
+from actstats.hooks import Recorder, RecordSummary, iter_tensors, modules_by_name, unwrap
 from actstats.report import Flag, Histogram, InputInfo, LayerReport, Report
 from actstats.schemes import InitSummary, SchemeSpec, init_weights, parse_scheme
 from actstats.weights import WeightFigures, parametric_modules, weight_figures
@@ -48,7 +48,7 @@ def conclude(recorder: Recorder, root: nn.Module, *, thresholds: Thresholds, eps
              all_reduce: Any = None, symmetry: Mapping[nn.Module, bool] | None = None) -> Concluded:
     """Merge a recorder's statistics (across processes with ``all_reduce``), bring them and the
     weight figures to the host in one transfer, and diagnose them: shared by probe and watch."""
-    named = dict(root.named_modules())
+    named = recorder.modules if recorder.root is root and recorder.modules else modules_by_name(root)
     vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named), symmetry=symmetry)
     summaries = collect(recorder, all_reduce=all_reduce, extra=vector)
     figures = decode(recorder.extra_host) if vector is not None and summaries else {}
@@ -232,7 +232,7 @@ def trace_following(root: nn.Module, batch: Any) -> dict[nn.Module, Any]:
             inputs_mod.call(root, batch)
         except Exception as err:
             raise _forward_error(err, recorder, batch, root) from err
-    return following_activations(collect(recorder), dict(root.named_modules()))
+    return following_activations(collect(recorder), modules_by_name(root))
 
 
 def _initialize(root: nn.Module, spec: SchemeSpec, batch: Any, device: torch.device, seed: int) -> InitSummary:

@@ -8,7 +8,7 @@ from torch import nn
 
 import actstats
 from actstats.errors import ForwardError, InputError, NothingToHookError
-from actstats.hooks import Recorder
+from actstats.hooks import Recorder, modules_by_name
 from actstats.probe import collect
 from tests import models
 
@@ -511,3 +511,14 @@ def test_an_empty_batch_keeps_the_step_vector_layout():
         assert [s.act_hist is None for s in summaries] == [batch == 0] * 4  # no values: no histogram
         assert (summaries[1].dead_frac is None) == (batch == 0)  # the ReLU: no unit known dead
     assert lengths[0] == lengths[1]
+
+
+def test_modules_by_name_walks_as_named_modules_does():
+    # shared modules (named once, first path), a None child, nesting, a transformer's deep tree
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared, models.Shared(), nn.ModuleDict({"a": shared}))
+    model.add_module("gone", None)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
+    for root in (model, encoder, nn.Linear(2, 2)):
+        walked = modules_by_name(root)
+        assert list(walked.items()) == list(root.named_modules())
