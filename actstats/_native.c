@@ -279,33 +279,65 @@ static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
     *nan |= any_nan;
 }
 
-/* moments_f32 of x seen as [outer, units, inner], and each unit's largest value. With units in
- * the last dimension (inner == 1), every block of values is swept a second time while it is in
- * the L1 cache; otherwise a block lies within one unit and its maximum is the block's own, swept
- * again only when the block holds NaN or Inf (the block's maximum ignores NaN). */
+/* moments_f32 of x seen as [outer, units, inner] with inner >= BLOCK, and each unit's largest
+ * value: a block lies within one unit, and its maximum is the block's own, swept again only
+ * when the block holds NaN or Inf (the block's maximum ignores NaN). */
 static void moments_units_f32(const float *x, int64_t outer, int64_t units, int64_t inner, float shift, float mid,
                               float threshold, BlockFn block, Moments *m, float *high, char *nan) {
     Block b;
     moments_start(m);
     for (int64_t o = 0; o < outer; o++) {
         const float *slab = x + o * units * inner;
+        for (int64_t u = 0; u < units; u++) {
+            for (int64_t i = 0; i < inner; i += BLOCK) {
+                int64_t size = inner - i < BLOCK ? inner - i : BLOCK;
+                moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m, &b);
+                if (b.nonfinite)
+                    block_max_f32(slab + u * inner + i, size, high + u, nan + u);
+                else if (b.high > high[u])
+                    high[u] = b.high;
+            }
+        }
+    }
+}
+
+/* Each unit's largest value in x seen as [outer, units, inner] with inner < BLOCK, in a pass
+ * of its own (the moments then read whole blocks: a block per unit would be a few values). */
+VECTOR_CLONES
+static void units_max_f32(const float *x, int64_t outer, int64_t units, int64_t inner, float *high, char *nan) {
+    for (int64_t o = 0; o < outer; o++) {
+        const float *slab = x + o * units * inner;
         if (inner == 1) {
-            for (int64_t u = 0; u < units; u += BLOCK) {
-                int64_t size = units - u < BLOCK ? units - u : BLOCK;
-                moments_add(slab + u, size, shift, mid, threshold, block, m, &b);
-                row_max_f32(slab + u, size, high + u, nan + u);
-            }
-        } else {
+            row_max_f32(slab, units, high, nan);
+            continue;
+        }
+        if (inner < 16) { /* a few values per unit: vector lanes would cost more than they save */
             for (int64_t u = 0; u < units; u++) {
-                for (int64_t i = 0; i < inner; i += BLOCK) {
-                    int64_t size = inner - i < BLOCK ? inner - i : BLOCK;
-                    moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m, &b);
-                    if (b.nonfinite)
-                        block_max_f32(slab + u * inner + i, size, high + u, nan + u);
-                    else if (b.high > high[u])
-                        high[u] = b.high;
+                const float *run = slab + u * inner;
+                float h = high[u];
+                int any_nan = 0;
+                for (int64_t i = 0; i < inner; i++) {
+                    float v = run[i];
+                    h = v > h ? v : h;
+                    any_nan |= v != v;
                 }
+                high[u] = h;
+                nan[u] |= any_nan;
             }
+            continue;
+        }
+        for (int64_t u = 0; u < units; u++) {
+            const float *run = slab + u * inner;
+            float h = high[u];
+            int any_nan = 0;
+#pragma omp simd reduction(max : h) reduction(| : any_nan)
+            for (int64_t i = 0; i < inner; i++) {
+                float v = run[i];
+                h = v > h ? v : h;
+                any_nan |= v != v;
+            }
+            high[u] = h;
+            nan[u] |= any_nan;
         }
     }
 }
@@ -331,20 +363,29 @@ typedef struct {
     Moments part[MAX_TEAM];
 } MomentsJob;
 
+/* Whether unit maxima come out of the moments' own blocks (see moments_units_f32). */
+static int fused_units(const MomentsJob *job) {
+    return job->high != NULL && job->inner >= BLOCK;
+}
+
 static void moments_piece(void *data, int place, int team) {
     MomentsJob *job = data;
     int64_t start, end;
-    if (job->high == NULL) { /* whole blocks of the flat values */
-        share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
-        start *= BLOCK;
-        end = end * BLOCK < job->n ? end * BLOCK : job->n;
-        moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block,
-                    &job->part[place]);
-    } else { /* whole samples (outer indices), each thread with maxima of its own */
+    if (fused_units(job)) { /* whole samples (outer indices), each thread with maxima of its own */
         share(job->outer, place, team, &start, &end);
         moments_units_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
                           job->shift, job->mid, job->threshold, job->block, &job->part[place],
                           job->high + place * job->units, job->nan + place * job->units);
+        return;
+    }
+    share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end); /* whole blocks of the flat values */
+    start *= BLOCK;
+    end = end * BLOCK < job->n ? end * BLOCK : job->n;
+    moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block, &job->part[place]);
+    if (job->high != NULL) { /* and the maxima of whole samples */
+        share(job->outer, place, team, &start, &end);
+        units_max_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
+                      job->high + place * job->units, job->nan + place * job->units);
     }
 }
 
@@ -396,7 +437,7 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
     MomentsJob job = {x, n, outer, units, inner, shift, (float)mid, (float)threshold,
                       want_saturation ? block_all : want_zeros ? block_zeros : block_plain, NULL, NULL};
-    int threads = team_size(n, unit_out != NULL ? outer : (n + BLOCK - 1) / BLOCK);
+    int threads = team_size(n, fused_units(&job) ? outer : (n + BLOCK - 1) / BLOCK);
     if (unit_out != NULL) {
         job.high = malloc((size_t)(threads * units) * sizeof *job.high);
         job.nan = calloc((size_t)(threads * units), 1);

@@ -205,14 +205,18 @@ def test_unit_maxima_of_planes_of_several_blocks_with_non_finite_values():
     assert math.isnan(maxima[2]) and maxima[0] == math.inf and maxima[3] == -math.inf and maxima[4] == 7.0
 
 
-@pytest.mark.parametrize("shape, dim", [((3, 1030), -1), ((2, 3, 700), 1), ((5,), 0), ((), 0)])
+@pytest.mark.parametrize("shape, dim", [((3, 1030), -1), ((2, 3, 700), 1), ((5,), 0), ((), 0), ((3, 4, 5, 8), 1),
+                                        ((2, 6, 2, 2), 1)])
 def test_unit_maxima_of_wide_and_odd_shapes(shape, dim):
-    # rows wider than the kernel's block, planes of several blocks, one unit per value, a scalar
+    # rows wider than the kernel's block, planes of several blocks, one unit per value, a scalar,
+    # planes smaller than a block (of a few values), a NaN in one of them
     x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    if x.dim() == 4:
+        x[1, 2, 1, 1] = float("nan")
     _, maxima = stats.RowStore().reduce_units(x, None, dim)
     view = x.reshape(1) if x.dim() == 0 else x
     dims = [d for d in range(view.dim()) if d != dim % view.dim()]
-    assert torch.equal(maxima, view.amax(dim=dims) if dims else view)
+    torch.testing.assert_close(maxima, view.amax(dim=dims) if dims else view, rtol=0, atol=0, equal_nan=True)
 
 
 def _numpy_histogram(values, low, high, bins):

@@ -32,7 +32,8 @@ def _kernel_figures(x, units_dim, bounds):
     return rows[act + plain + weights], maxima, counts
 
 
-@pytest.mark.parametrize("shape, units_dim", [((6, 3, 30011), 1), ((3001, 100), -1), ((400_003,), 0)])
+@pytest.mark.parametrize("shape, units_dim", [((6, 3, 30011), 1), ((200, 16, 7, 7), 1), ((3001, 100), -1),
+                                               ((400_003,), 0)])
 def test_kernels_split_large_tensors_among_pytorch_threads(two_threads, shape, units_dim):
     # PyTorch's thread count decides (its OpenMP runtime is found by name on Linux; elsewhere the
     # kernels run on one thread); a tensor too small for two threads of 2**16 values stays on one
