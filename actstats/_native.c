@@ -26,13 +26,16 @@
  * device and layout. The interpreter lock is released while a kernel runs.
  *
  * Threads: moments, sums and histogram split a large tensor among the threads of PyTorch's own
- * OpenMP pool (as many as torch.get_num_threads(), found at import by name in the process:
- * PyTorch's Linux wheels load their libgomp globally). Threads of our own would compete with
- * PyTorch's, which keep spinning for a while after each parallel operation; the pool's threads
- * are those. Without that runtime (other platforms, or a build of PyTorch without OpenMP) the
- * kernels run on the calling thread. Each thread takes a contiguous run of whole blocks (whole
- * samples for unit maxima); the parts are merged in thread order, so a result depends on the
- * number of threads only through the order of float64 additions (histogram counts not at all).
+ * OpenMP pool, as many as the caller asks (actstats passes torch.get_num_threads()). The pool is
+ * found at import by name in the process (PyTorch's Linux wheels load their libgomp globally; the
+ * other entry points are taken from the library that holds GOMP_parallel). Threads of our own
+ * would compete with PyTorch's, which keep spinning for a while after each parallel operation;
+ * the pool's threads are those. Without that runtime (other platforms, a build of PyTorch without
+ * OpenMP), and in a child process forked from this one (libgomp's pool does not survive a fork),
+ * the kernels run on the calling thread. Each thread takes a contiguous run of whole blocks
+ * (whole samples for fused unit maxima) into a part of its own; the parts are merged in thread
+ * order, so a result depends on the number of threads only through the order of float64
+ * additions (histogram counts not at all).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,6 +47,7 @@
 
 #if defined(__linux__)
 #include <dlfcn.h>
+#include <pthread.h>
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -64,7 +68,7 @@ static int is_nonfinite(float v) {
 
 typedef struct {
     double sum, sumsq;
-    int64_t zeros, saturated, nonfinite;
+    int64_t zeros, saturated, nonfinite, nans;
     float min, max;
 } Moments;
 
@@ -83,29 +87,39 @@ typedef void (*ParallelFn)(void (*)(void *), void *, unsigned, unsigned);
 static ParallelFn gomp_parallel = NULL; /* GOMP_parallel(fn, data, threads, flags) */
 static int (*omp_thread_num)(void) = NULL;
 static int (*omp_num_threads)(void) = NULL;
-static int (*omp_max_threads)(void) = NULL;
 
 #define MAX_TEAM 64
 /* Values per thread below which a kernel does not split (waking a thread costs microseconds). */
 #define TEAM_MIN_VALUES (1 << 16)
 
+#if defined(__linux__)
+static void team_after_fork(void) { /* in the child: the pool's threads were not copied */
+    gomp_parallel = NULL;
+}
+#endif
+
 static void team_init(void) {
 #if defined(__linux__)
-    gomp_parallel = (ParallelFn)dlsym(RTLD_DEFAULT, "GOMP_parallel");
-    omp_thread_num = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_thread_num");
-    omp_num_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_num_threads");
-    omp_max_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_max_threads");
-#endif
-    if (gomp_parallel == NULL || omp_thread_num == NULL || omp_num_threads == NULL || omp_max_threads == NULL)
+    void *found = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    Dl_info where;
+    void *runtime = NULL;
+    if (found != NULL && dladdr(found, &where) && where.dli_fname != NULL)
+        runtime = dlopen(where.dli_fname, RTLD_LAZY | RTLD_NOLOAD); /* that library, already loaded */
+    if (runtime != NULL) {
+        gomp_parallel = (ParallelFn)dlsym(runtime, "GOMP_parallel");
+        omp_thread_num = (int (*)(void))dlsym(runtime, "omp_get_thread_num");
+        omp_num_threads = (int (*)(void))dlsym(runtime, "omp_get_num_threads");
+    }
+    if (gomp_parallel == NULL || omp_thread_num == NULL || omp_num_threads == NULL || pthread_atfork(NULL, NULL, team_after_fork))
         gomp_parallel = NULL;
+#endif
 }
 
-/* Threads to ask for: PyTorch's count in this thread (torch.set_num_threads sets the OpenMP one),
- * at most one per TEAM_MIN_VALUES values of `values`, and at most `items` (the pieces to share). */
-static int team_size(int64_t values, int64_t items) {
+/* Threads to ask for: at most `threads` (PyTorch's count, from the caller), one per
+ * TEAM_MIN_VALUES values of `values`, and `items` (the pieces to share). */
+static int team_size(int64_t threads, int64_t values, int64_t items) {
     if (gomp_parallel == NULL)
         return 1;
-    int64_t threads = omp_max_threads();
     if (threads > values / TEAM_MIN_VALUES)
         threads = values / TEAM_MIN_VALUES;
     if (threads > items)
@@ -156,7 +170,7 @@ static void share(int64_t items, int place, int team, int64_t *start, int64_t *e
 
 typedef struct {
     float sum, sumsq, low, high;
-    int32_t zeros, saturated, nonfinite;
+    int32_t zeros, saturated, nonfinite, nans;
 } Block;
 
 /* What a block counts besides sums, extremes and non-finite values (each costs time per value). */
@@ -169,7 +183,7 @@ enum { COUNT_ZEROS = 1, COUNT_SATURATED = 2 };
 static inline __attribute__((always_inline)) void block_body(const float *x, int64_t n, float shift, float mid,
                                                              float threshold, Block *b, const int what) {
     float sum = 0.0f, sumsq = 0.0f, low = INFINITY, high = -INFINITY;
-    int32_t zeros = 0, saturated = 0, nonfinite = 0;
+    int32_t zeros = 0, saturated = 0, nonfinite = 0, nans = 0;
 #pragma omp simd reduction(+ : sum, sumsq, zeros, saturated) reduction(min : low) reduction(max : high)
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
@@ -184,9 +198,11 @@ static inline __attribute__((always_inline)) void block_body(const float *x, int
         high = v > high ? v : high;
     }
     if (sum != sum || low == -INFINITY || high == INFINITY || is_nonfinite(sum))
-        for (int64_t i = 0; i < n; i++)
+        for (int64_t i = 0; i < n; i++) {
             nonfinite += is_nonfinite(x[i]);
-    *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite};
+            nans += x[i] != x[i];
+        }
+    *b = (Block){sum, sumsq, low, high, zeros, saturated, nonfinite, nans};
 }
 
 VECTOR_CLONES
@@ -243,6 +259,7 @@ static void moments_add(const float *x, int64_t size, float shift, float mid, fl
     m->zeros += b.zeros;
     m->saturated += b.saturated;
     m->nonfinite += b.nonfinite;
+    m->nans += b.nans;
     m->min = b.low < m->min ? b.low : m->min;
     m->max = b.high > m->max ? b.high : m->max;
 }
@@ -349,6 +366,7 @@ static void moments_merge(Moments *m, const Moments *p) {
     m->zeros += p->zeros;
     m->saturated += p->saturated;
     m->nonfinite += p->nonfinite;
+    m->nans += p->nans;
     m->min = p->min < m->min ? p->min : m->min;
     m->max = p->max > m->max ? p->max : m->max;
 }
@@ -358,35 +376,34 @@ typedef struct {
     int64_t n, outer, units, inner;
     float shift, mid, threshold;
     BlockFn block;
-    float *high; /* unit maxima: `units` per thread */
+    int fused; /* unit maxima come out of the moments' own blocks (see moments_units_f32) */
+    float *high; /* unit maxima: a row of `stride` per thread (whole cache lines) */
     char *nan;
+    int64_t stride;
     Moments part[MAX_TEAM];
 } MomentsJob;
 
-/* Whether unit maxima come out of the moments' own blocks (see moments_units_f32). */
-static int fused_units(const MomentsJob *job) {
-    return job->high != NULL && job->inner >= BLOCK;
-}
-
 static void moments_piece(void *data, int place, int team) {
     MomentsJob *job = data;
+    Moments m; /* here, not in job->part: neighbours' parts share cache lines */
     int64_t start, end;
-    if (fused_units(job)) { /* whole samples (outer indices), each thread with maxima of its own */
+    float *high = job->high + place * job->stride;
+    char *nan = job->nan + place * job->stride;
+    if (job->fused) { /* whole samples (outer indices), each thread with maxima of its own */
         share(job->outer, place, team, &start, &end);
         moments_units_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
-                          job->shift, job->mid, job->threshold, job->block, &job->part[place],
-                          job->high + place * job->units, job->nan + place * job->units);
-        return;
+                          job->shift, job->mid, job->threshold, job->block, &m, high, nan);
+    } else {
+        share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end); /* whole blocks of the flat values */
+        start *= BLOCK;
+        end = end * BLOCK < job->n ? end * BLOCK : job->n;
+        moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block, &m);
+        if (job->high != NULL) { /* and the maxima of whole samples */
+            share(job->outer, place, team, &start, &end);
+            units_max_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner, high, nan);
+        }
     }
-    share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end); /* whole blocks of the flat values */
-    start *= BLOCK;
-    end = end * BLOCK < job->n ? end * BLOCK : job->n;
-    moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block, &job->part[place]);
-    if (job->high != NULL) { /* and the maxima of whole samples */
-        share(job->outer, place, team, &start, &end);
-        units_max_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
-                      job->high + place * job->units, job->nan + place * job->units);
-    }
+    job->part[place] = m;
 }
 
 /* False, with a TypeError set, unless a kernel got `expected` (or `also`) arguments. */
@@ -404,29 +421,30 @@ static void values_argument(PyObject *const *args, const float **x, int64_t *n) 
     *n = PyLong_AsLongLong(args[1]);
 }
 
-/* moments(x_ptr, n, out_ptr, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
+/* moments(x_ptr, n, out_ptr, threads, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
  * out_ptr -> 8 float64; with the unit arguments, x is [outer, units, inner] and units_ptr -> `units`
  * float32 maxima (NaN for a unit that saw a NaN, as amax gives), written or fmax-merged. */
 static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!argument_count("moments", nargs, 7, 12))
+    if (!argument_count("moments", nargs, 8, 13))
         return NULL;
     const float *x;
     int64_t n;
     values_argument(args, &x, &n);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
-    int want_zeros = PyObject_IsTrue(args[3]);
-    int want_saturation = PyObject_IsTrue(args[4]);
-    double mid = PyFloat_AsDouble(args[5]);
-    double threshold = PyFloat_AsDouble(args[6]);
+    int64_t asked = PyLong_AsLongLong(args[3]);
+    int want_zeros = PyObject_IsTrue(args[4]);
+    int want_saturation = PyObject_IsTrue(args[5]);
+    double mid = PyFloat_AsDouble(args[6]);
+    double threshold = PyFloat_AsDouble(args[7]);
     float *unit_out = NULL;
     int64_t outer = 0, units = 0, inner = 0;
     int merge = 0;
-    if (nargs == 12) {
-        unit_out = (float *)PyLong_AsVoidPtr(args[7]);
-        outer = PyLong_AsLongLong(args[8]);
-        units = PyLong_AsLongLong(args[9]);
-        inner = PyLong_AsLongLong(args[10]);
-        merge = PyObject_IsTrue(args[11]);
+    if (nargs == 13) {
+        unit_out = (float *)PyLong_AsVoidPtr(args[8]);
+        outer = PyLong_AsLongLong(args[9]);
+        units = PyLong_AsLongLong(args[10]);
+        inner = PyLong_AsLongLong(args[11]);
+        merge = PyObject_IsTrue(args[12]);
     }
     if (PyErr_Occurred())
         return NULL;
@@ -435,22 +453,23 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     float shift = is_nonfinite(x[0]) ? 0.0f : x[0];
+    int fused = unit_out != NULL && inner >= BLOCK;
     MomentsJob job = {x, n, outer, units, inner, shift, (float)mid, (float)threshold,
-                      want_saturation ? block_all : want_zeros ? block_zeros : block_plain, NULL, NULL};
-    int threads = team_size(n, fused_units(&job) ? outer : (n + BLOCK - 1) / BLOCK);
+                      want_saturation ? block_all : want_zeros ? block_zeros : block_plain, fused, NULL, NULL,
+                      (units + 63) / 64 * 64};
+    int threads = team_size(asked, n, fused ? outer : (n + BLOCK - 1) / BLOCK);
     if (unit_out != NULL) {
-        job.high = malloc((size_t)(threads * units) * sizeof *job.high);
-        job.nan = calloc((size_t)(threads * units), 1);
+        job.high = malloc((size_t)(threads * job.stride) * sizeof *job.high);
+        job.nan = calloc((size_t)(threads * job.stride), 1);
         if (job.high == NULL || job.nan == NULL) {
             free(job.high);
             free(job.nan);
             return PyErr_NoMemory();
         }
-        for (int64_t u = 0; u < threads * units; u++)
+        for (int64_t u = 0; u < threads * job.stride; u++)
             job.high[u] = -INFINITY;
     }
     Moments m;
-    int nan = 0;
     Py_BEGIN_ALLOW_THREADS
     int team = run_team(moments_piece, &job, threads);
     m = job.part[0];
@@ -461,18 +480,17 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
             float high = job.high[u];
             char any_nan = job.nan[u];
             for (int t = 1; t < team; t++) {
-                high = job.high[t * units + u] > high ? job.high[t * units + u] : high;
-                any_nan |= job.nan[t * units + u];
+                high = job.high[t * job.stride + u] > high ? job.high[t * job.stride + u] : high;
+                any_nan |= job.nan[t * job.stride + u];
             }
             float value = any_nan ? NAN : high;
             unit_out[u] = merge ? fmaxf(unit_out[u], value) : value;
         }
     }
-    for (int64_t i = 0; m.nonfinite && i < n && !nan; i++) /* only for a tensor holding NaN or Inf */
-        nan = x[i] != x[i];
     Py_END_ALLOW_THREADS
     free(job.high);
     free(job.nan);
+    int nan = m.nans > 0;
     out[0] = shift;
     out[1] = 1.0;
     out[2] = m.nonfinite ? MARK * (double)m.nonfinite : m.sum;
@@ -494,20 +512,23 @@ typedef struct {
 static void sums_piece(void *data, int place, int team) {
     SumsJob *job = data;
     int64_t start, end;
+    double sum = 0.0, sumsq = 0.0;
     share(job->n, place, team, &start, &end);
-    job->sum[place] = job->sumsq[place] = 0.0;
-    block_sums_f64(job->x + start, end - start, job->shift, &job->sum[place], &job->sumsq[place]);
+    block_sums_f64(job->x + start, end - start, job->shift, &sum, &sumsq);
+    job->sum[place] = sum;
+    job->sumsq[place] = sumsq;
 }
 
-/* sums(x_ptr, n, out_ptr): out_ptr -> 8 float64: shift c, scale 1, sum(x - c), sum((x - c)^2) in
+/* sums(x_ptr, n, out_ptr, threads): out_ptr -> 8 float64: shift c, scale 1, sum(x - c), sum((x - c)^2) in
  * float64, then zeros (no min, max or counts: for weights; NaN or Inf make the sums NaN or Inf). */
 static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!argument_count("sums", nargs, 3, 3))
+    if (!argument_count("sums", nargs, 4, 4))
         return NULL;
     const float *x;
     int64_t n;
     values_argument(args, &x, &n);
     double *out = (double *)PyLong_AsVoidPtr(args[2]);
+    int64_t asked = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred())
         return NULL;
     if (n <= 0) {
@@ -517,7 +538,7 @@ static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     SumsJob job = {x, n, x[0]};
     double sum = 0.0, sumsq = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    int team = run_team(sums_piece, &job, team_size(n, n));
+    int team = run_team(sums_piece, &job, team_size(asked, n, n));
     for (int t = 0; t < team; t++) {
         sum += job.sum[t];
         sumsq += job.sumsq[t];
@@ -546,8 +567,9 @@ typedef struct {
     const float *x;
     int64_t n;
     float low, per_unit;
-    int64_t bins;
-    double *counts; /* `bins` per thread, then the threads' tallies (4 * (bins + 1) int32 each) */
+    int64_t bins, region;
+    double *counts; /* per thread, a region of `region` doubles (whole cache lines): its counts
+                     * (`bins` float64), then its tallies (4 * (bins + 1) int32) */
 } HistogramJob;
 
 /* Bin this thread's run of whole blocks into its own counts: bins + 1 slots (the last one takes
@@ -556,8 +578,8 @@ typedef struct {
 static void histogram_piece(void *data, int place, int team) {
     HistogramJob *job = data;
     int64_t bins = job->bins, slots = bins + 1, start, end;
-    double *counts = job->counts + place * bins;
-    int32_t *tally = (int32_t *)(job->counts + team * bins) + place * 4 * slots;
+    double *counts = job->counts + place * job->region;
+    int32_t *tally = (int32_t *)(counts + bins);
     share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
     int32_t index[BLOCK + 3];
     for (int64_t block = start; block < end; block++) {
@@ -578,9 +600,9 @@ static void histogram_piece(void *data, int place, int team) {
     }
 }
 
-/* histogram(x_ptr, n, bounds_ptr, bins, counts_ptr): bounds -> 2 float64, counts -> bins float64 */
+/* histogram(x_ptr, n, bounds_ptr, bins, counts_ptr, threads): bounds -> 2 float64, counts -> bins float64 */
 static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!argument_count("histogram", nargs, 5, 5))
+    if (!argument_count("histogram", nargs, 6, 6))
         return NULL;
     const float *x;
     int64_t n;
@@ -588,6 +610,7 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
     const double *bounds = (const double *)PyLong_AsVoidPtr(args[2]);
     int64_t bins = PyLong_AsLongLong(args[3]);
     double *counts = (double *)PyLong_AsVoidPtr(args[4]);
+    int64_t asked = PyLong_AsLongLong(args[5]);
     if (PyErr_Occurred())
         return NULL;
     if (bins <= 0 || bins >= INT32_MAX) {
@@ -595,17 +618,18 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     float low = (float)bounds[0], high = (float)bounds[1];
-    int threads = team_size(n, (n + BLOCK - 1) / BLOCK);
-    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, NULL};
-    /* each thread's counts (float64) and four tallies (int32) over bins + 1 slots */
-    job.counts = calloc((size_t)(threads * (bins + 2 * (bins + 1))), sizeof *job.counts);
+    /* a thread more only for at least 8 values per slot: each one sets up and merges all the bins */
+    int64_t blocks = (n + BLOCK - 1) / BLOCK, per_slots = n / (8 * (bins + 1));
+    int threads = team_size(asked, n, blocks < per_slots ? blocks : per_slots);
+    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, (bins + 2 * (bins + 1) + 7) / 8 * 8, NULL};
+    job.counts = calloc((size_t)(threads * job.region), sizeof *job.counts);
     if (job.counts == NULL)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     int team = run_team(histogram_piece, &job, threads);
     for (int t = 0; t < team; t++)
         for (int64_t b = 0; b < bins; b++)
-            counts[b] += job.counts[t * bins + b];
+            counts[b] += job.counts[t * job.region + b];
     Py_END_ALLOW_THREADS
     free(job.counts);
     Py_RETURN_NONE;
@@ -666,12 +690,14 @@ static PyObject *py_masked_crc32c(PyObject *self, PyObject *data) {
     return PyLong_FromUnsignedLong(masked);
 }
 
-/* team(n) -> int: the threads a kernel would ask for to read n values (for tests and benchmarks) */
-static PyObject *py_team(PyObject *self, PyObject *arg) {
-    int64_t n = PyLong_AsLongLong(arg);
-    if (n == -1 && PyErr_Occurred())
+/* team(n, threads) -> int: the threads a kernel asked for `threads` would use to read n values */
+static PyObject *py_team(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!argument_count("team", nargs, 2, 2))
         return NULL;
-    return PyLong_FromLong(team_size(n, n));
+    int64_t n = PyLong_AsLongLong(args[0]), threads = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(team_size(threads, n, n));
 }
 
 static PyMethodDef methods[] = {
@@ -680,7 +706,7 @@ static PyMethodDef methods[] = {
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},
     {"masked_crc32c", py_masked_crc32c, METH_O, "TensorBoard's masked CRC-32C of a bytes-like object."},
-    {"team", py_team, METH_O, "Threads a kernel would ask for to read n values."},
+    {"team", (PyCFunction)(void (*)(void))py_team, METH_FASTCALL, "Threads a kernel would use to read n values."},
     {NULL, NULL, 0, NULL},
 };
 

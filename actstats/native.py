@@ -7,6 +7,11 @@ operations in :mod:`actstats.stats`, which give the same figures. The kernels
 are built by ``pip install`` when a C compiler is at hand; without one, or with
 the environment variable ``ACTSTATS_NATIVE=0``, every tensor takes the PyTorch
 path. :data:`enabled` can also be switched at run time (the tests run both paths).
+
+A kernel given a large tensor shares it among ``torch.get_num_threads()`` threads
+of PyTorch's own OpenMP pool, when the process has that runtime (PyTorch's Linux
+wheels; elsewhere, and in a process forked from one that used the pool, it runs
+on the calling thread): see "Threads" in ``_native.c``.
 """
 
 from __future__ import annotations

@@ -197,6 +197,7 @@ class RowStore:
         self._blocks: list[torch.Tensor] = []  # [BLOCK, RAW_WIDTH] each, rows in order
         self._rows: list[tuple[torch.Tensor, ...] | None] = []  # rows not in a block yet, after the blocks
         self._native: torch.Tensor | None = None  # [BLOCK, RAW_WIDTH] float64 on the CPU, kernels' rows
+        self._native_address = 0  # its data_ptr()
         self._numels: list[int] = []
 
     def __len__(self) -> int:
@@ -222,6 +223,8 @@ class RowStore:
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
+        if native.dense_float32_cpu(x):  # read in place: no detached view needed
+            return [self._reduce_native(x, zeros, saturation, eps)] if x.numel() else []
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
     def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
@@ -255,8 +258,8 @@ class RowStore:
             lo, hi = saturation
             mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
         row, address = self._native_row(x.numel())
-        native.kernels.moments(x.data_ptr(), x.numel(), address, zeros, saturation is not None,
-                               mid, threshold, *units)
+        native.kernels.moments(x.data_ptr(), x.numel(), address, torch.get_num_threads(), zeros,
+                               saturation is not None, mid, threshold, *units)
         return row
 
     def _native_row(self, n: int) -> tuple[int, int]:
@@ -265,11 +268,17 @@ class RowStore:
         The row is noted before the kernel writes it (a kernel runs without the interpreter
         lock); the block is stacked only when a later row needs room.
         """
-        self._close_full_block()
+        rows = self._rows
+        if len(rows) == self.BLOCK:
+            self._close_full_block()
+            rows = self._rows
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
-        address = self._native.data_ptr() + len(self._rows) * _ROW_BYTES
-        return self._append(None, n), address
+            self._native_address = self._native.data_ptr()
+        address = self._native_address + len(rows) * _ROW_BYTES
+        rows.append(None)
+        self._numels.append(n)
+        return len(self._numels) - 1, address
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float,
                 extremes: bool = True) -> int:
@@ -341,7 +350,7 @@ class RowStore:
             if not xf.numel():
                 return []
             row, address = self._native_row(xf.numel())
-            native.kernels.sums(xf.data_ptr(), xf.numel(), address)
+            native.kernels.sums(xf.data_ptr(), xf.numel(), address, torch.get_num_threads())
             return [row]
         numbers = []
         for part in chunks(xf):
@@ -524,7 +533,8 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
             return counts
         counts = torch.zeros(bins, dtype=torch.float64) if counts is None else counts
         edges = torch.tensor(bounds, dtype=torch.float64) if host_bounds else bounds
-        native.kernels.histogram(xf.data_ptr(), xf.numel(), edges.data_ptr(), bins, counts.data_ptr())
+        native.kernels.histogram(xf.data_ptr(), xf.numel(), edges.data_ptr(), bins, counts.data_ptr(),
+                                 torch.get_num_threads())
         return counts
     if host_bounds:
         low, per_unit = _host_affine(bounds, bins, xf.dtype)  # type: ignore[arg-type]

@@ -1,5 +1,8 @@
 """The kernels share a large tensor among PyTorch's own threads (actstats/_native.c, "Threads")."""
 
+import ctypes
+import os
+import signal
 import sys
 
 import numpy as np
@@ -21,6 +24,15 @@ def two_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
+def _openmp_visible() -> bool:
+    """Whether the process exports GOMP_parallel (PyTorch's Linux wheels load their libgomp globally)."""
+    try:
+        ctypes.CDLL(None).GOMP_parallel
+    except (AttributeError, OSError):
+        return False
+    return sys.platform == "linux"
+
+
 def _kernel_figures(x, units_dim, bounds):
     """Kernel rows (activation with unit maxima, plain, weights) and histogram counts of ``x``."""
     store = stats.RowStore()
@@ -35,10 +47,10 @@ def _kernel_figures(x, units_dim, bounds):
 @pytest.mark.parametrize("shape, units_dim", [((6, 3, 30011), 1), ((200, 16, 7, 7), 1), ((3001, 100), -1),
                                                ((400_003,), 0)])
 def test_kernels_split_large_tensors_among_pytorch_threads(two_threads, shape, units_dim):
-    # PyTorch's thread count decides (its OpenMP runtime is found by name on Linux; elsewhere the
-    # kernels run on one thread); a tensor too small for two threads of 2**16 values stays on one
-    assert native.kernels.team(1 << 20) == (2 if sys.platform == "linux" else 1)
-    assert native.kernels.team(100_000) == 1
+    # PyTorch's thread count decides, when its OpenMP runtime is visible in the process (elsewhere
+    # the kernels run on one thread); a tensor too small for two threads of 2**16 values stays on one
+    assert native.kernels.team(1 << 20, 2) == (2 if _openmp_visible() else 1)
+    assert native.kernels.team(1 << 20, 1) == 1 and native.kernels.team(100_000, 2) == 1
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(shape, generator=gen)
     flat = x.view(-1)
@@ -68,3 +80,20 @@ def test_kernels_split_large_tensors_among_pytorch_threads(two_threads, shape, u
         if values.numel() == t.numel():
             assert float(two[0][2, stats.F_SUM]) == pytest.approx(float(values.sum()), rel=1e-9, abs=1e-6)
             assert float(two[0][2, stats.F_SUMSQ]) == pytest.approx(float(values.square().sum()), rel=1e-9)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_kernels_on_its_own_thread(two_threads):
+    # libgomp's pool does not survive a fork: a child of a process that used it would hang in it
+    x = torch.randn(1 << 20)
+    row = torch.zeros(8, dtype=torch.float64)
+    native.kernels.moments(x.data_ptr(), x.numel(), row.data_ptr(), 2, True, False, 0.0, 0.0)  # the pool runs
+    expected = row.clone()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, an exit status only
+        signal.alarm(20)  # a hang ends the child instead of the suite
+        ok = native.kernels.team(1 << 20, 2) == 1
+        native.kernels.moments(x.data_ptr(), x.numel(), row.data_ptr(), 2, True, False, 0.0, 0.0)
+        os._exit(0 if ok and torch.allclose(row, expected, rtol=1e-12, atol=0) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
