@@ -151,7 +151,7 @@ def shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> st
     return text
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordState:
     """Everything accumulated on the device for one record (one call site of a module or function)."""
 
@@ -188,7 +188,7 @@ class RecordSummary:
     grad_hist: Histogram | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Frame:
     module: nn.Module
     name: str
