@@ -10,4 +10,8 @@ from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
-setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags, optional=True)])
+# dlsym/dladdr (the kernels find PyTorch's OpenMP runtime at import) live in libdl before glibc 2.34
+libraries = ["dl"] if sys.platform.startswith("linux") else []
+
+setup(ext_modules=[Extension("actstats._native", ["actstats/_native.c"], extra_compile_args=flags,
+                             libraries=libraries, optional=True)])

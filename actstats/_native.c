@@ -31,11 +31,12 @@
  * other entry points are taken from the library that holds GOMP_parallel). Threads of our own
  * would compete with PyTorch's, which keep spinning for a while after each parallel operation;
  * the pool's threads are those. Without that runtime (other platforms, a build of PyTorch without
- * OpenMP), and in a child process forked from this one (libgomp's pool does not survive a fork),
- * the kernels run on the calling thread. Each thread takes a contiguous run of whole blocks
- * (whole samples for fused unit maxima) into a part of its own; the parts are merged in thread
- * order, so a result depends on the number of threads only through the order of float64
- * additions (histogram counts not at all).
+ * OpenMP), and in any child process forked after this module was imported (libgomp's pool does
+ * not survive a fork; a child that imports this module only after the fork is not protected, as
+ * PyTorch's own parallel operations are not there either), the kernels run on the calling thread. Each thread takes a contiguous run of whole blocks
+ * (whole samples for fused unit maxima, any run of values for the float64 sums) into a part of
+ * its own; the parts are merged in thread order, so a result depends on the number of threads
+ * only through the order of float64 additions (histogram counts not at all).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -110,7 +111,8 @@ static void team_init(void) {
         omp_thread_num = (int (*)(void))dlsym(runtime, "omp_get_thread_num");
         omp_num_threads = (int (*)(void))dlsym(runtime, "omp_get_num_threads");
     }
-    if (gomp_parallel == NULL || omp_thread_num == NULL || omp_num_threads == NULL || pthread_atfork(NULL, NULL, team_after_fork))
+    if (gomp_parallel == NULL || omp_thread_num == NULL || omp_num_threads == NULL
+        || pthread_atfork(NULL, NULL, team_after_fork) != 0)
         gomp_parallel = NULL;
 #endif
 }
@@ -134,7 +136,8 @@ typedef void (*PieceFn)(void *job, int place, int team);
 typedef struct {
     PieceFn piece;
     void *job;
-    int team; /* the threads that ran, written by thread 0 */
+    int asked; /* the threads asked for: the job's per-thread buffers hold that many parts */
+    int team;  /* the threads that ran, written by thread 0 */
 } TeamCall;
 
 static void team_entry(void *data) {
@@ -142,7 +145,7 @@ static void team_entry(void *data) {
     int place = omp_thread_num(), team = omp_num_threads();
     if (place == 0)
         call->team = team;
-    if (team <= MAX_TEAM) /* a runtime that gave more threads than asked: run_team falls back */
+    if (team <= call->asked) /* a runtime that gave more threads than asked: run_team falls back */
         call->piece(call->job, place, team);
 }
 
@@ -151,13 +154,21 @@ static void team_entry(void *data) {
  * threads than asked). Called without the interpreter lock. */
 static int run_team(PieceFn piece, void *job, int threads) {
     if (threads > 1) {
-        TeamCall call = {piece, job, 1};
+        TeamCall call = {piece, job, threads, 1};
         gomp_parallel(team_entry, &call, (unsigned)threads, 0);
-        if (call.team <= MAX_TEAM)
+        if (call.team <= threads)
             return call.team;
     }
     piece(job, 0, 1);
     return 1;
+}
+
+/* Zeroed memory of `bytes` starting on a cache line (64 bytes), so that threads' parts laid out
+ * in whole cache lines do not share one; `*block` is what to free. */
+static void *zeroed_lines(size_t bytes, void **block) {
+    char *raw = calloc(bytes + 64, 1);
+    *block = raw;
+    return raw == NULL ? NULL : (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
 }
 
 /* The part [*start, *end) of `items` that thread `place` of `team` takes. */
@@ -458,12 +469,13 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
                       want_saturation ? block_all : want_zeros ? block_zeros : block_plain, fused, NULL, NULL,
                       (units + 63) / 64 * 64};
     int threads = team_size(asked, n, fused ? outer : (n + BLOCK - 1) / BLOCK);
+    void *high_block = NULL, *nan_block = NULL;
     if (unit_out != NULL) {
-        job.high = malloc((size_t)(threads * job.stride) * sizeof *job.high);
-        job.nan = calloc((size_t)(threads * job.stride), 1);
+        job.high = zeroed_lines((size_t)(threads * job.stride) * sizeof *job.high, &high_block);
+        job.nan = zeroed_lines((size_t)(threads * job.stride), &nan_block);
         if (job.high == NULL || job.nan == NULL) {
-            free(job.high);
-            free(job.nan);
+            free(high_block);
+            free(nan_block);
             return PyErr_NoMemory();
         }
         for (int64_t u = 0; u < threads * job.stride; u++)
@@ -488,8 +500,8 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     }
     Py_END_ALLOW_THREADS
-    free(job.high);
-    free(job.nan);
+    free(high_block);
+    free(nan_block);
     int nan = m.nans > 0;
     out[0] = shift;
     out[1] = 1.0;
@@ -509,6 +521,7 @@ typedef struct {
     double sum[MAX_TEAM], sumsq[MAX_TEAM];
 } SumsJob;
 
+/* A run of values (not whole blocks: the sums are float64 throughout). */
 static void sums_piece(void *data, int place, int team) {
     SumsJob *job = data;
     int64_t start, end;
@@ -622,7 +635,8 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
     int64_t blocks = (n + BLOCK - 1) / BLOCK, per_slots = n / (8 * (bins + 1));
     int threads = team_size(asked, n, blocks < per_slots ? blocks : per_slots);
     HistogramJob job = {x, n, low, (float)bins / (high - low), bins, (bins + 2 * (bins + 1) + 7) / 8 * 8, NULL};
-    job.counts = calloc((size_t)(threads * job.region), sizeof *job.counts);
+    void *block;
+    job.counts = zeroed_lines((size_t)(threads * job.region) * sizeof *job.counts, &block);
     if (job.counts == NULL)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
@@ -631,7 +645,7 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
         for (int64_t b = 0; b < bins; b++)
             counts[b] += job.counts[t * job.region + b];
     Py_END_ALLOW_THREADS
-    free(job.counts);
+    free(block);
     Py_RETURN_NONE;
 }
 

@@ -646,9 +646,10 @@ class Recorder:
         i, j = n_rec * (n_act + _GRAD_ADDITIVE), n_rec * 4  # where the per-record extras start
         rows = np.zeros((n_rec, stats.ACT_WIDTH))
         rows[:, _ACT_ADDITIVE] = act_sums
-        high, low = extremes[:, 0], -extremes[:, 1]
-        ordered = low <= high  # else no finite value was seen
-        rows[:, stats.A_MIN], rows[:, stats.A_MAX] = np.where(ordered, low, math.nan), np.where(ordered, high, math.nan)
+        act_high, act_low = extremes[:, 0], -extremes[:, 1]
+        ordered = act_low <= act_high  # else no finite value was seen
+        rows[:, stats.A_MIN] = np.where(ordered, act_low, math.nan)
+        rows[:, stats.A_MAX] = np.where(ordered, act_high, math.nan)
         acts = stats.summarize_activation_rows(rows)
         grads = stats.summarize_gradient_rows(grad_sums)
         rows_host, grad_host, extremes_host = rows.tolist(), grad_sums.tolist(), extremes.tolist()

@@ -10,8 +10,8 @@ path. :data:`enabled` can also be switched at run time (the tests run both paths
 
 A kernel given a large tensor shares it among ``torch.get_num_threads()`` threads
 of PyTorch's own OpenMP pool, when the process has that runtime (PyTorch's Linux
-wheels; elsewhere, and in a process forked from one that used the pool, it runs
-on the calling thread): see "Threads" in ``_native.c``.
+wheels; elsewhere, and in a process forked after this module was imported, it
+runs on the calling thread): see "Threads" in ``_native.c``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ elements in ``nonfinite``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,8 +222,6 @@ class RowStore:
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
-        if native.dense_float32_cpu(x):  # read in place: no detached view needed
-            return [self._reduce_native(x, zeros, saturation, eps)] if x.numel() else []
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
     def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
@@ -237,7 +234,8 @@ class RowStore:
                      saturation: tuple[float, float] | None = None, eps: float = 0.0
                      ) -> tuple[list[int], torch.Tensor]:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
-        (:func:`merge_unit_maxima`): in the same pass when the compiled kernel reads ``x``."""
+        (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
+        pass, or a second one in cache for planes smaller than a block)."""
         xf = as_float(x)
         view = xf.reshape(1) if xf.dim() == 0 else xf
         dim = unit_dim % view.dim()
@@ -268,17 +266,12 @@ class RowStore:
         The row is noted before the kernel writes it (a kernel runs without the interpreter
         lock); the block is stacked only when a later row needs room.
         """
-        rows = self._rows
-        if len(rows) == self.BLOCK:
-            self._close_full_block()
-            rows = self._rows
+        self._close_full_block()
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
             self._native_address = self._native.data_ptr()
-        address = self._native_address + len(rows) * _ROW_BYTES
-        rows.append(None)
-        self._numels.append(n)
-        return len(self._numels) - 1, address
+        address = self._native_address + len(self._rows) * _ROW_BYTES
+        return self._append(None, n), address
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float,
                 extremes: bool = True) -> int:
@@ -635,8 +628,9 @@ class GradStats:
 def _moment_columns(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, population std and rms per row from merged counts, sums and sums of squares
-    (float64): ``std = sqrt(max(E[x^2] - mean^2, 0))``; NaN where the count is 0 or a figure
-    is not finite."""
+    (float64): ``std = sqrt(max(E[x^2] - mean^2, 0))``, ``rms = sqrt(E[x^2])``. All three are NaN
+    where the count is 0; std is NaN where the variance is not finite, rms where ``E[x^2]`` is not
+    finite or negative (the mean is left as it comes: callers blank rows that held NaN or Inf)."""
     with np.errstate(all="ignore"):
         mean = total / n
         mean_square = sumsq / n
@@ -680,12 +674,3 @@ def summarize_gradient_rows(rows: np.ndarray) -> list[GradStats]:
     columns = [np.where(dirty, math.nan, c) for c in (mean, std, rms)] + [nonfinite]
     return [GradStats(m, sd, r, int(bad)) for m, sd, r, bad in zip(*(c.tolist() for c in columns))]
 
-
-def summarize_activations(row: Sequence[float]) -> tuple[ActStats, float, int, float]:
-    """One record's merged activation row (``A_*`` columns): :func:`summarize_activation_rows`."""
-    return summarize_activation_rows(np.asarray(row, dtype=np.float64))[0]
-
-
-def summarize_gradients(row: Sequence[float]) -> GradStats:
-    """One record's merged gradient row (``G_*`` columns): :func:`summarize_gradient_rows`."""
-    return summarize_gradient_rows(np.asarray(row, dtype=np.float64))[0]

@@ -37,7 +37,7 @@ def _merge_act(chunks, bounds=None, eps=0.01):
                  (stats.A_MIN, stats.F_MIN), (stats.A_MAX, stats.F_MAX), (stats.A_ZEROS, stats.F_ZEROS),
                  (stats.A_NONFINITE, stats.F_NONFINITE), (stats.A_SATURATED, stats.F_SATURATED)]:
         parts[:, a] = rows[:, f]
-    return stats.summarize_activations(_merge_rows(parts))
+    return stats.summarize_activation_rows(np.asarray(_merge_rows(parts)))[0]
 
 
 def test_merge_equals_statistics_of_the_union():
@@ -83,7 +83,7 @@ def test_gradient_rows_merge():
     g1, g2 = torch.tensor([1.0, -1.0]), torch.tensor([3.0, 3.0, 3.0])
     rows = _finalized([g1, g2])
     parts = rows[:, [stats.F_N, stats.F_SUM, stats.F_SUMSQ, stats.F_NONFINITE]]
-    grad = stats.summarize_gradients(parts.sum(axis=0).tolist())
+    grad, = stats.summarize_gradient_rows(parts.sum(axis=0))
     assert (rows[:, stats.F_MIN].min(), rows[:, stats.F_MAX].max()) == (-1.0, 3.0)
     union = np.array([1.0, -1.0, 3.0, 3.0, 3.0])
     assert grad.mean == pytest.approx(union.mean())
@@ -482,4 +482,44 @@ def test_the_cuda_path_launches_few_operations(monkeypatch):
         with _CountOperations() as counted:
             rows.collect(torch.device("cpu"))
         assert len(counted.names) <= 2 * stats.RAW_WIDTH + 2, counted.names
+
+
+def test_summaries_of_several_rows_at_once_match_each_row_alone():
+    # rows summarized together: an empty record, one that saw NaN/Inf, clean ones, no input seen,
+    # a zero variance; each figure computed here from the row alone, in Python floats
+    act = np.zeros((5, stats.ACT_WIDTH))
+    act[1, [stats.A_N, stats.A_SUM, stats.A_SUMSQ, stats.A_MIN, stats.A_MAX, stats.A_ZEROS, stats.A_NONFINITE,
+            stats.A_SATURATED, stats.A_IN_N, stats.A_IN_SUMSQ]] = [10, 3.0, 7.0, -1.5, 2.0, 4, 0, 1, 10, 12.0]
+    act[2, [stats.A_N, stats.A_SUM, stats.A_SUMSQ, stats.A_MIN, stats.A_MAX, stats.A_NONFINITE]] = [
+        8, math.nan, math.nan, -3.0, 5.0, 2]
+    act[3, [stats.A_N, stats.A_SUM, stats.A_SUMSQ, stats.A_MIN, stats.A_MAX]] = [4, 8.0, 16.0, 2.0, 2.0]
+    act[4, [stats.A_N, stats.A_SUM, stats.A_SUMSQ, stats.A_MIN, stats.A_MAX, stats.A_IN_N, stats.A_IN_SUMSQ]] = [
+        2, 1.0, 5.0, -1.0, 2.0, 3, math.inf]
+    summaries = stats.summarize_activation_rows(act)
+    for row, (a, in_rms, in_n, saturated) in zip(act.tolist(), summaries):
+        n = row[stats.A_N]
+        if n == 0:
+            assert a.numel == 0 and all(math.isnan(v) for v in (a.mean, a.std, a.rms, a.min, a.max, a.zero_frac))
+            assert math.isnan(saturated) and math.isnan(in_rms) and in_n == 0
+            continue
+        mean, mean_square = row[stats.A_SUM] / n, row[stats.A_SUMSQ] / n
+        clean = row[stats.A_NONFINITE] == 0
+        assert a.numel == int(n) and a.nonfinite == int(row[stats.A_NONFINITE])
+        assert (a.min, a.max) == (row[stats.A_MIN], row[stats.A_MAX])
+        assert a.zero_frac == row[stats.A_ZEROS] / n and saturated == row[stats.A_SATURATED] / n
+        if clean:
+            assert a.mean == mean and a.rms == math.sqrt(mean_square)
+            assert a.std == math.sqrt(max(mean_square - mean * mean, 0.0))
+        else:
+            assert math.isnan(a.mean) and math.isnan(a.std) and math.isnan(a.rms)
+        in_sumsq = row[stats.A_IN_SUMSQ]
+        expected_in = math.sqrt(in_sumsq / row[stats.A_IN_N]) if row[stats.A_IN_N] > 0 and math.isfinite(in_sumsq) \
+            else math.nan
+        assert in_n == int(row[stats.A_IN_N])
+        assert in_rms == expected_in or (math.isnan(in_rms) and math.isnan(expected_in))
+    assert summaries[3][0].std == 0.0  # a constant: no variance, not a negative one
+    grads = stats.summarize_gradient_rows(np.array([[0, 0, 0, 0], [4, 2.0, 6.0, 0], [3, math.inf, math.inf, 1]]))
+    assert math.isnan(grads[0].mean) and grads[0].nonfinite == 0
+    assert (grads[1].mean, grads[1].rms, grads[1].std) == (0.5, math.sqrt(1.5), math.sqrt(1.25))
+    assert math.isnan(grads[2].rms) and grads[2].nonfinite == 1
 

@@ -76,6 +76,7 @@ def test_kernels_split_large_tensors_among_pytorch_threads(two_threads, shape, u
         values = t[torch.isfinite(t)].double()
         assert two[0][0, stats.F_NONFINITE] == t.numel() - values.numel()
         assert two[0][0, stats.F_ZEROS] == int((t == 0).sum())
+        assert two[0][1, stats.F_SATURATED] == int((t.abs() >= torch.tensor(1.0 - 0.01)).sum())  # float32 bound
         assert np.array_equal(two[2].numpy(), _numpy_histogram(t.numpy().ravel(), -3.0, 3.0, 64))
         if values.numel() == t.numel():
             assert float(two[0][2, stats.F_SUM]) == pytest.approx(float(values.sum()), rel=1e-9, abs=1e-6)
