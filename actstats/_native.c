@@ -33,10 +33,11 @@
  * the pool's threads are those. Without that runtime (other platforms, a build of PyTorch without
  * OpenMP), and in any child process forked after this module was imported (libgomp's pool does
  * not survive a fork; a child that imports this module only after the fork is not protected, as
- * PyTorch's own parallel operations are not there either), the kernels run on the calling thread. Each thread takes a contiguous run of whole blocks
- * (whole samples for fused unit maxima, any run of values for the float64 sums) into a part of
- * its own; the parts are merged in thread order, so a result depends on the number of threads
- * only through the order of float64 additions (histogram counts not at all).
+ * PyTorch's own parallel operations are not there either), the kernels run on the calling
+ * thread. Each thread takes a contiguous run of whole blocks (whole samples for fused unit
+ * maxima, any run of values for the float64 sums) into a part of its own; the parts are merged
+ * in thread order, so a result depends on the number of threads only through the order of
+ * float64 additions (histogram counts not at all).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
