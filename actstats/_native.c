@@ -294,8 +294,9 @@ static void row_max_f32(const float *x, int64_t units, float *high, char *nan) {
     }
 }
 
-VECTOR_CLONES
-static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
+/* The largest of n values merged into *high (NaN ignored there), and whether one was NaN into *nan;
+ * inlined into the callers' own vector clones. */
+static inline __attribute__((always_inline)) void run_max(const float *x, int64_t n, float *high, char *nan) {
     float h = -INFINITY;
     int any_nan = 0;
 #pragma omp simd reduction(max : h) reduction(| : any_nan)
@@ -306,6 +307,11 @@ static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
     }
     *high = h > *high ? h : *high;
     *nan |= any_nan;
+}
+
+VECTOR_CLONES
+static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
+    run_max(x, n, high, nan);
 }
 
 /* moments_f32 of x seen as [outer, units, inner] with inner >= BLOCK, and each unit's largest
@@ -340,30 +346,18 @@ static void units_max_f32(const float *x, int64_t outer, int64_t units, int64_t 
             row_max_f32(slab, units, high, nan);
             continue;
         }
-        if (inner < 16) { /* a few values per unit: vector lanes would cost more than they save */
-            for (int64_t u = 0; u < units; u++) {
-                const float *run = slab + u * inner;
-                float h = high[u];
-                int any_nan = 0;
-                for (int64_t i = 0; i < inner; i++) {
-                    float v = run[i];
-                    h = v > h ? v : h;
-                    any_nan |= v != v;
-                }
-                high[u] = h;
-                nan[u] |= any_nan;
-            }
-            continue;
-        }
         for (int64_t u = 0; u < units; u++) {
             const float *run = slab + u * inner;
+            if (inner >= 16) {
+                run_max(run, inner, high + u, nan + u);
+                continue;
+            }
+            /* a few values per unit: vector lanes would cost more than they save */
             float h = high[u];
             int any_nan = 0;
-#pragma omp simd reduction(max : h) reduction(| : any_nan)
             for (int64_t i = 0; i < inner; i++) {
-                float v = run[i];
-                h = v > h ? v : h;
-                any_nan |= v != v;
+                h = run[i] > h ? run[i] : h;
+                any_nan |= run[i] != run[i];
             }
             high[u] = h;
             nan[u] |= any_nan;

@@ -643,7 +643,8 @@ def _moment_columns(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray
 
 def summarize_activation_rows(rows: np.ndarray) -> list[tuple[ActStats, float, int, float]]:
     """Records' merged activation rows (``[records, ACT_WIDTH]``, ``A_*`` columns), each as
-    ``(ActStats, input_rms, input_numel, saturated_frac)``; the arithmetic is done for all rows at once."""
+    ``(ActStats, input_rms, input_numel, saturated_frac)``; the arithmetic is done for all rows at once.
+    ``rows`` is a host numpy array (a slice of the step's single transfer), never a tensor."""
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, ACT_WIDTH)
     n, nonfinite = rows[:, A_N], rows[:, A_NONFINITE]
     mean, std, rms = _moment_columns(n, rows[:, A_SUM], rows[:, A_SUMSQ])
@@ -666,7 +667,8 @@ def summarize_activation_rows(rows: np.ndarray) -> list[tuple[ActStats, float, i
 
 
 def summarize_gradient_rows(rows: np.ndarray) -> list[GradStats]:
-    """Records' merged gradient rows (``[records, 4]``, ``G_*`` columns) as :class:`GradStats`."""
+    """Records' merged gradient rows (``[records, 4]``, ``G_*`` columns, a host numpy array) as
+    :class:`GradStats`."""
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, G_NONFINITE + 1)
     nonfinite = rows[:, G_NONFINITE]
     mean, std, rms = _moment_columns(rows[:, G_N], rows[:, G_SUM], rows[:, G_SUMSQ])
