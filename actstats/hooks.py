@@ -586,17 +586,14 @@ class Recorder:
         # All rows are finalized together, then reduced per record with index_add /
         # scatter_reduce: a fixed number of device operations per step, whatever the number of
         # layers. Row counts and owners (Python integers) reach the device in one copy that does not
-        # wait for it (stats.to_device).
+        # wait for it (stats.finalize_store).
         n_rec = len(states)
         act_rows, act_owner = _columns(self._act_rows)
         in_rows, in_owner = _columns(self._input_rows)
         grad_rows, grad_owner = _columns(self._grad_rows)
-        meta = stats.to_device(self.store.numels() + act_rows + act_owner + in_rows + in_owner
-                               + grad_rows + grad_owner + self._root_rows, torch.long, device)
-        numels, act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t = meta.split(
-            [len(self.store), len(act_rows), len(act_rows), len(in_rows), len(in_rows),
-             len(grad_rows), len(grad_rows), len(self._root_rows)])
-        final = stats.finalize(self.store.collect(device), numels.double())
+        final, (act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t) = \
+            stats.finalize_store(self.store, device, act_rows, act_owner, in_rows, in_owner, grad_rows, grad_owner,
+                                 self._root_rows)
         act, act_owner_t = final.index_select(0, act_rows_t.long()), act_owner_t.long()  # already int64: no copy
         act_sums = torch.cat([
             stats.sum_by_owner(act, act_owner_t, n_rec, _ROW_ACT),

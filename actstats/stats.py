@@ -437,6 +437,16 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     return torch.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], dim=1)
 
 
+def finalize_store(store: RowStore, device: torch.device, *indices: list[int]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every row of ``store`` finalized on ``device`` (:func:`finalize`), and each list of Python
+    integers in ``indices`` (row numbers, owners) as an int64 tensor there: all of them reach the
+    device with the element counts in one copy that does not wait for it (:func:`to_device`)."""
+    meta = to_device(store.numels() + [i for values in indices for i in values], torch.long, device)
+    numels, *tensors = meta.split([len(store), *map(len, indices)])
+    return finalize(store.collect(device), numels.double()), tensors
+
+
 def select_columns(rows: torch.Tensor, columns: list[int]) -> torch.Tensor:
     """``rows[:, columns]`` without copying the list to the device (which synchronises on CUDA)."""
     return torch.stack([rows[:, c] for c in columns], dim=1)

@@ -127,8 +127,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
     if not layout:
         return None, lambda host: {}
     device = firsts[0].device
-    numels, owner = stats.to_device(store.numels() + owners, torch.long, device).split([len(store), len(owners)])
-    final = stats.finalize(store.collect(device), numels.double())
+    final, (owner,) = stats.finalize_store(store, device, owners)
     per_part = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ])
     n, total, sumsq = per_part.unbind(1)
     mean, mean_square = total / n, sumsq / n
