@@ -594,16 +594,16 @@ class Recorder:
         final, (act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t) = \
             stats.finalize_store(self.store, device, act_rows, act_owner, in_rows, in_owner, grad_rows, grad_owner,
                                  self._root_rows)
-        act, act_owner_t = final.index_select(0, act_rows_t.long()), act_owner_t.long()  # already int64: no copy
+        act = final.index_select(0, act_rows_t)  # index lists come as int64 (stats.finalize_store)
         act_sums = torch.cat([
             stats.sum_by_owner(act, act_owner_t, n_rec, _ROW_ACT),
-            stats.sum_by_owner(final.index_select(0, in_rows_t.long()), in_owner_t.long(), n_rec, _ROW_INPUT),
+            stats.sum_by_owner(final.index_select(0, in_rows_t), in_owner_t, n_rec, _ROW_INPUT),
         ], dim=1)
         act_high, act_low = _extremes(act, act_owner_t, n_rec)
-        grad, grad_owner_t = final.index_select(0, grad_rows_t.long()), grad_owner_t.long()
+        grad = final.index_select(0, grad_rows_t)
         grad_sums = stats.sum_by_owner(grad, grad_owner_t, n_rec, _ROW_GRAD)
         grad_high, grad_low = _extremes(grad, grad_owner_t, n_rec)
-        inputs = stats.select_columns(final.index_select(0, root_rows_t.long()), _ROW_ROOT).sum(0)
+        inputs = stats.select_columns(final.index_select(0, root_rows_t), _ROW_ROOT).sum(0)
         sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
         maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
         maxima = [s.unit_max for s in states if s.unit_max is not None]
