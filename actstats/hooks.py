@@ -267,6 +267,7 @@ class Recorder:
         self._leaf: dict[int, bool] = {}
         self._mode: _FunctionalActivations | None = None
         self._mode_off = False  # the mode is off the stack while a leaf runs
+        self._mode_depth = 0  # the function-mode stack's depth with our mode on top
         #: the root's modules by name, as of the latest look for new ones
         self.modules: dict[str, nn.Module] = {}
         self.active = False
@@ -396,6 +397,7 @@ class Recorder:
                 if self._mode is None:
                     self._mode = _FunctionalActivations(self)
                     self._mode.__enter__()
+                    self._mode_depth = torch._C._len_torch_function_stack()
             if self._skipping:
                 return
             inputs = None
@@ -422,11 +424,10 @@ class Recorder:
 
     def _mode_on_top(self) -> bool:
         """True when our function mode is the innermost one (other modes may have been entered
-        inside the model's forward: those are left as they are)."""
-        if self._mode is None or self._mode_off:
-            return False
-        depth = torch._C._len_torch_function_stack()
-        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self._mode
+        inside the model's forward: those are left as they are). Modes nest, so ours is on top
+        exactly when the stack is as deep as it was once ours was entered."""
+        return self._mode is not None and not self._mode_off \
+            and torch._C._len_torch_function_stack() == self._mode_depth
 
     def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
                    activation: Activation | None):
@@ -502,19 +503,19 @@ class Recorder:
             unit_dim = 1 if self._channel_units and y.dim() >= 2 else -1
             state = RecordState(name, type_name, len(self.records), module_name, activation, unit_dim)
             self.records[name] = state
-        bounds = None
-        if activation is not None and activation.family == "saturating":
-            bounds = (activation.low, activation.high)
+        family = activation.family if activation is not None else None
         with torch._C.DisableTorchFunction():
-            if activation is not None and activation.family == "relu":  # also the alive units
-                rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True,
-                                                               saturation=bounds, eps=self.eps)
+            if family == "relu":  # also the alive units
+                rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True)
+            elif family == "saturating":
+                rows = self.store.reduce(y, zeros=True, saturation=(activation.low, activation.high),  # type: ignore[union-attr]
+                                         eps=self.eps)
             else:
-                rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
+                rows = self.store.reduce(y, zeros=True)
             record = state.index
-            self._act_rows += [(r, record) for r in rows]
+            _own(self._act_rows, rows, record)
             if inputs:
-                self._input_rows += [(r, record) for r in inputs]
+                _own(self._input_rows, inputs, record)
             if self._device is None:
                 self._device = y.device
             # This output's rows, for a later record that receives it unchanged.
@@ -524,7 +525,11 @@ class Recorder:
                     state.act_range = self._range(name, 0, rows, y.device)
                 state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
             if self.backward and y.requires_grad and torch.is_grad_enabled():
-                y.register_hook(self._grad_hook(state))
+                node = y.grad_fn
+                if node is None:  # a leaf that requires grad (a parameter returned as it is)
+                    y.register_hook(self._grad_hook(state))
+                else:  # the tensor hook's gradient, at half its cost (see _grad_hook)
+                    node.register_prehook(self._grad_hook(state, y.output_nr))
 
     def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
@@ -534,17 +539,29 @@ class Recorder:
             return float(hint[0]), float(hint[1])
         return stats.histogram_range(self.store.extremes(rows, device))
 
-    def _grad_hook(self, state: RecordState):
+    def _grad_hook(self, state: RecordState, output: int | None = None):
+        """The gradient hook of a record's output: a tensor hook (``output`` None), or a pre-hook on
+        the node that produced the output, taking the gradient of output number ``output``.
+
+        Both see the same gradient: a tensor hook on a non-leaf is itself a pre-hook on the node
+        that was the tensor's ``grad_fn`` when it was registered, and so, like it, the node
+        pre-hook keeps receiving the gradient w.r.t. the value the record produced when an
+        in-place operation (``nn.ReLU(inplace=True)``) later modifies that tensor. The node
+        pre-hook costs less to register (no hook dictionary on the tensor, no handle).
+        """
         generation = self.generation
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: Any) -> None:
             if not self.active or self.generation != generation:
                 return
+            if output is not None:
+                grad = grad[output]
+                if grad is None:  # no gradient reached this output (a tensor hook is not called then)
+                    return
             with torch._C.DisableTorchFunction():
                 rows = self.store.reduce(grad, extremes=bool(self.bins))  # only a histogram reads them
                 state.grad_calls += 1
-                record = state.index
-                self._grad_rows += [(r, record) for r in rows]
+                _own(self._grad_rows, rows, state.index)
                 if self.bins:
                     if state.grad_range is None:
                         state.grad_range = self._range(state.name, 1, rows, grad.device)
@@ -695,6 +712,14 @@ def _edges(bounds: torch.Tensor | tuple[float, float] | None, maxes: np.ndarray,
     if isinstance(bounds, tuple):
         return bounds, j
     return (float(maxes[j]), float(maxes[j + 1])), j + 2
+
+
+def _own(pairs: list[tuple[int, int]], rows: list[int], record: int) -> None:
+    """Note ``record`` as the owner of ``rows`` (usually one: a tensor the kernel read)."""
+    if len(rows) == 1:
+        pairs.append((rows[0], record))
+    else:
+        pairs.extend([(r, record) for r in rows])
 
 
 def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -61,6 +61,14 @@ MARK64 = 2.0 ** 200
 _ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
 
+def _kernel_reads(x: torch.Tensor) -> bool:
+    """True when the kernel may read ``x`` in place, in its logical order: a plain float32
+    contiguous CPU tensor (no subclass, no lazy negation bit), with the kernels on. The
+    same test as :func:`native.row_major_float32_cpu`, written out for the hooks' hot path."""
+    return native.enabled and type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu \
+        and x.layout is torch.strided and not x.is_neg() and x.is_contiguous()
+
+
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` in float32 or wider: statistics never accumulate in fp16/bf16."""
     x = x.detach()
@@ -222,12 +230,15 @@ class RowStore:
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
+        if _kernel_reads(x):  # the common case first, without a detached copy of ``x``
+            n = x.numel()
+            return [self._kernel_row(x, n, zeros, saturation, eps)] if n else []
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
     def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
                       eps: float, extremes: bool = True) -> list[int]:
         if native.dense_float32_cpu(xf):
-            return [self._reduce_native(xf, zeros, saturation, eps)] if xf.numel() else []
+            return [self._kernel_row(xf, xf.numel(), zeros, saturation, eps)] if xf.numel() else []
         return [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
 
     def reduce_units(self, x: torch.Tensor, maxima: torch.Tensor | None, unit_dim: int, *, zeros: bool = False,
@@ -236,6 +247,17 @@ class RowStore:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
+        if _kernel_reads(x) and x.dim() and (maxima is None or (
+                maxima.dtype is torch.float32 and maxima.is_cpu and maxima.is_contiguous())):
+            # The common case first: a contiguous tensor is [outer, units, inner] in memory.
+            shape, n = x.shape, x.numel()
+            dim = unit_dim % len(shape)
+            units = shape[dim]
+            if n and (maxima is None or maxima.shape[0] == units):
+                inner = math.prod(shape[dim + 1:])
+                out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
+                layout = (out.data_ptr(), n // (units * inner), units, inner, maxima is not None)
+                return [self._kernel_row(x, n, zeros, saturation, eps, layout)], out
         xf = as_float(x)
         view = xf.reshape(1) if xf.dim() == 0 else xf
         dim = unit_dim % view.dim()
@@ -243,29 +265,39 @@ class RowStore:
         units = view.shape[dim]
         if layout is not None and (maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))):
             out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
-            row = self._reduce_native(view, zeros, saturation, eps, (out.data_ptr(), *layout, maxima is not None))
+            row = self._kernel_row(view, view.numel(), zeros, saturation, eps, (out.data_ptr(), *layout, maxima is not None))
             return [row], out
         return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
 
-    def _reduce_native(self, x: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
-                       eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
-        """One row written by the kernel into the open native block; ``units`` are the kernel's
-        ``(maxima address, outer, units, inner, merge)`` arguments, when it also takes unit maxima."""
-        mid, threshold = 0.0, 0.0
-        if saturation is not None:
-            lo, hi = saturation
-            mid, threshold = (lo + hi) / 2, (hi - lo) / 2 - eps
-        row, address = self._native_row(x.numel())
-        native.kernels.moments(x.data_ptr(), x.numel(), address, torch.get_num_threads(), zeros,
-                               saturation is not None, mid, threshold, *units)
-        return row
-
-    def _native_row(self, n: int) -> tuple[int, int]:
-        """Reserve the next row of the open native block for a kernel: its number and address.
+    def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
+                    eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
+        """Reserve the next row of the open native block, have the kernel write ``x``'s moments
+        there, and return the row's number (the hooks' hot path: one Python frame).
 
         The row is noted before the kernel writes it (a kernel runs without the interpreter
         lock); the block is stacked only when a later row needs room.
         """
+        rows = self._rows
+        if len(rows) == self.BLOCK:
+            self._close_full_block()
+            rows = self._rows
+        if self._native is None:
+            self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
+            self._native_address = self._native.data_ptr()
+        address = self._native_address + len(rows) * _ROW_BYTES
+        rows.append(None)
+        self._numels.append(n)
+        if saturation is None:
+            native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, False, 0.0, 0.0,
+                                   *units)
+        else:
+            low, high = saturation
+            native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, True,
+                                   (low + high) / 2, (high - low) / 2 - eps, *units)
+        return len(self._numels) - 1
+
+    def _native_row(self, n: int) -> tuple[int, int]:
+        """Reserve the next row of the open native block for a kernel: its number and address."""
         self._close_full_block()
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)

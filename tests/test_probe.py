@@ -149,6 +149,60 @@ def test_inplace_relu_gradients_equal_autograd():
         assert summary.grad.std == pytest.approx(g_std, rel=1e-5), summary.name
 
 
+
+class _Halves(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.chunk(x, 2, dim=1)  # one autograd node, two outputs
+
+
+class _SecondHalfAndLastState(nn.Module):
+    """Uses only the second output of a two-output node, and only the LSTM's final state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.halves = _Halves()
+        self.lstm = nn.LSTM(4, 3, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.halves(x)
+        sequence, (h, c) = self.lstm(x.unsqueeze(1))
+        return 3 * second.sum() + h.sum()
+
+
+def test_an_output_no_gradient_reaches_has_no_gradient_statistics():
+    # A record's gradient is that of its first output; when the loss does not depend on it
+    # (other outputs of the same autograd node do), autograd hands the hook no gradient.
+    torch.manual_seed(0)
+    model = _SecondHalfAndLastState()
+    x = torch.randn(5, 4, requires_grad=True)
+    with Recorder(model) as recorder:
+        model(x).backward()
+    by_name = {s.name: s for s in collect(recorder)}
+    assert set(by_name) == {"halves", "lstm"}
+    assert by_name["halves"].grad is None and by_name["lstm"].grad is None
+    assert by_name["halves"].act.numel == 10 and by_name["lstm"].act.numel == 15
+
+
+def test_a_gradient_of_one_output_of_a_two_output_node():
+    class FirstHalfUsed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.halves = _Halves()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first, second = self.halves(x)
+            return (first * torch.arange(10.0).reshape(5, 2)).sum()
+
+    model = FirstHalfUsed()
+    with Recorder(model) as recorder:
+        model(torch.randn(5, 4, requires_grad=True)).backward()
+    (summary,) = collect(recorder)
+    reference = torch.arange(10.0, dtype=torch.float64)  # d loss / d first
+    # float32 rows on the PyTorch path: the figures are exact to float32's precision
+    assert summary.grad.mean == pytest.approx(reference.mean().item(), rel=1e-7)
+    assert summary.grad.std == pytest.approx(reference.std(correction=0).item(), rel=1e-7)
+    assert summary.grad.rms == pytest.approx(reference.square().mean().sqrt().item(), rel=1e-7)
+
 def test_probe_backpropagates_a_standard_normal_cotangent():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5))
