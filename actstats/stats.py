@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -408,6 +409,11 @@ class RowStore:
             return self._native[r - closed, R_MIN:R_MAX + 1]  # type: ignore[index]
         return torch.stack(row[R_MIN:R_MAX + 1]).double()
 
+    def kernel_rows_only(self) -> bool:
+        """True when every row so far was written by a kernel (float64 on the CPU, in one
+        block): :meth:`collect` then returns a view, which ``.numpy()`` reads in place."""
+        return not self._blocks and all(row is None for row in self._rows)
+
     def collect(self, device: torch.device) -> torch.Tensor:
         """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
         blocks = self._blocks + ([self._open_block()] if self._rows else [])
@@ -440,7 +446,7 @@ def join(tensors: list[torch.Tensor], device: torch.device, *, stack: bool = Fal
     return joined.to(device=device, dtype=torch.float64)
 
 
-def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+def finalize(raw: Any, numels: Any, xp: Any = torch) -> Any:
     """Turn raw rows ``[k, RAW_WIDTH]`` (float64) into ``[k, FINAL_WIDTH]`` figures, on their device.
 
     Columns ``F_*``: count, sum, sum of squares, zeros, non-finite count,
@@ -452,21 +458,24 @@ def finalize(raw: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     ``round(sum / MARK)`` for a kernel or shifted row (exact: its finite values
     were scaled to zero), ``round(n c / MARK64)`` for a Welford row. A Welford
     row's zero count is ``n`` minus its count of values that are not zero.
+
+    ``xp`` is the array library of ``raw`` and ``numels``: ``torch`` (tensors), or ``numpy``
+    for rows already on the host (the same operations, in the same order).
     """
     c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
     welford = k < 0
     low, high = raw[:, R_MIN], raw[:, R_MAX]
-    marks = torch.round(torch.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
+    marks = xp.round(xp.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
     blind = k == WELFORD_NO_EXTREMES
-    bad = torch.where(blind, marks > 0, ~(torch.isfinite(low) & torch.isfinite(high)))
-    nonfinite = torch.where(bad, marks, torch.zeros_like(c))
-    k = torch.where(welford, 1.0, k)  # a Welford row is shifted (by its mean) but not scaled
+    bad = xp.where(blind, marks > 0, ~(xp.isfinite(low) & xp.isfinite(high)))
+    nonfinite = xp.where(bad, marks, xp.zeros_like(c))
+    k = xp.where(welford, 1.0, k)  # a Welford row is shifted (by its mean) but not scaled
     shifted = raw[:, R_SUM] / k  # zero for Welford rows
-    nan = torch.full_like(shifted, math.nan)
-    total = torch.where(bad, nan, shifted + numels * c)
-    sumsq = torch.where(bad, nan, raw[:, R_SUMSQ] / k.square() + c * (2 * shifted + numels * c))
-    zeros = torch.where(welford, numels - raw[:, R_ZEROS], raw[:, R_ZEROS])
-    return torch.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], dim=1)
+    nan = xp.full_like(shifted, math.nan)
+    total = xp.where(bad, nan, shifted + numels * c)
+    sumsq = xp.where(bad, nan, raw[:, R_SUMSQ] / (k * k) + c * (2 * shifted + numels * c))
+    zeros = xp.where(welford, numels - raw[:, R_ZEROS], raw[:, R_ZEROS])
+    return xp.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], 1)
 
 
 def finalize_store(store: RowStore, device: torch.device, *indices: list[int]

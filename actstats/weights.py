@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,7 +107,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
     known = symmetry or {}
     store = stats.RowStore()
     owners: list[int] = []
-    firsts: list[torch.Tensor] = []
+    leads: list[torch.Tensor] = []  # each module's first part, whose first value is reported
     verdicts: list[torch.Tensor] = []
     layout: list[tuple[nn.Module, int, bool | None]] = []  # module, parts, known verdict
     n_parts = 0
@@ -118,7 +119,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
             for part in parts:
                 owners += [n_parts] * len(store.moments(part.tensor))
                 n_parts += 1
-            firsts.append(parts[0].tensor.detach().reshape(-1)[0])
+            leads.append(parts[0].tensor)
             if module in known:
                 layout.append((module, len(parts), bool(known[module])))
             else:
@@ -126,20 +127,28 @@ def weight_figures(modules: Sequence[nn.Module], *,
                 layout.append((module, len(parts), None))
     if not layout:
         return None, lambda host: {}
-    device = firsts[0].device
-    final, (owner,) = stats.finalize_store(store, device, owners)
-    per_part = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ])
-    n, total, sumsq = per_part.unbind(1)
-    mean, mean_square = total / n, sumsq / n
-    std = (mean_square - mean * mean).clamp_min(0.0).sqrt()
-    pieces = [torch.stack([std, mean_square.sqrt()], dim=1).reshape(-1), stats.join(firsts, device, stack=True)]
+    device = leads[0].device
+    if device.type == "cpu" and len(store) == n_parts and store.kernel_rows_only():
+        # One kernel row per part, already on the host: the same arithmetic in numpy, without
+        # a dozen operations on small tensors. A kernel row's shift is the part's first value.
+        raw = store.collect(device).numpy()
+        per_part = stats.finalize(raw, np.asarray(store.numels(), dtype=np.float64), np)
+        std, rms = _std_rms(per_part[:, stats.F_N], per_part[:, stats.F_SUM], per_part[:, stats.F_SUMSQ], np)
+        firsts = raw[np.cumsum([0] + [count for _, count, _ in layout[:-1]]), stats.R_SHIFT]
+        pieces = [torch.from_numpy(np.concatenate([np.stack([std, rms], 1).reshape(-1), firsts]))]
+    else:
+        final, (owner,) = stats.finalize_store(store, device, owners)
+        n, total, sumsq = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]).unbind(1)
+        std, rms = _std_rms(n, total, sumsq, torch)
+        pieces = [torch.stack([std, rms], dim=1).reshape(-1),
+                  stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)]
     if verdicts:
         pieces.append(stats.join(verdicts, device, stack=True))
     vector = torch.cat(pieces)
 
     def decode(host: Any) -> dict[nn.Module, WeightFigures]:
         out: dict[nn.Module, WeightFigures] = {}
-        part, verdict = 0, 2 * n_parts + len(firsts)
+        part, verdict = 0, 2 * n_parts + len(layout)
         for m, (module, count, symmetric) in enumerate(layout):
             figures = tuple((float(host[2 * k]), float(host[2 * k + 1])) for k in range(part, part + count))
             part += count
@@ -150,6 +159,14 @@ def weight_figures(modules: Sequence[nn.Module], *,
         return out
 
     return vector, decode
+
+
+def _std_rms(n: Any, total: Any, sumsq: Any, xp: Any) -> tuple[Any, Any]:
+    """Population std and rms from counts, sums and sums of squares (``xp``: torch or numpy)."""
+    mean, mean_square = total / n, sumsq / n
+    variance = mean_square - mean * mean
+    variance = variance.clamp_min(0.0) if xp is torch else np.maximum(variance, 0.0)  # NaN stays NaN
+    return xp.sqrt(variance), xp.sqrt(mean_square)
 
 
 def parametric_modules(names: Sequence[str | None], modules: Mapping[str, nn.Module]) -> list[nn.Module]:
