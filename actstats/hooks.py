@@ -270,6 +270,7 @@ class Recorder:
         self._mode_depth = 0  # the function-mode stack's depth with our mode on top
         #: the root's modules by name, as of the latest look for new ones
         self.modules: dict[str, nn.Module] = {}
+        self._hooked_as: dict[str, nn.Module] = {}  # the walk that the hooks were last checked against
         self.active = False
         self.generation = -1  # counts resets: gradient hooks of an earlier generation do nothing
         self.reset(histogram_bins=histogram_bins, range_hints=range_hints)
@@ -319,8 +320,12 @@ class Recorder:
     def _hook_new_modules(self) -> None:
         """Hook every module of the root not hooked yet: all of them on :meth:`attach`; after a
         :meth:`reset`, the modules added to the model since (checked at its next forward)."""
-        self.modules = modules_by_name(self.root)
-        for name, module in self.modules.items():
+        modules = modules_by_name(self.root)
+        hooked = self._hooked_as
+        if len(modules) == len(hooked) and all(hooked.get(name) is module for name, module in modules.items()):
+            return  # the modules hooked, under the same names (a module that gained a child has a new name)
+        self.modules = self._hooked_as = modules
+        for name, module in modules.items():
             # Functional calls inside a leaf's own implementation belong to that leaf,
             # except in the root, whose forward is the model's own code.
             self._leaf[id(module)] = is_leaf(module) and module is not self.root
@@ -345,6 +350,7 @@ class Recorder:
             handle.remove()
         self._handles.clear()
         self._hooked = weakref.WeakSet()
+        self._hooked_as = {}
         self.stack.clear()
         self._exit_mode()
 

@@ -13,6 +13,8 @@ from torch import nn
 import actstats
 from actstats import stats
 from actstats.errors import FlagRaisedError, InputError
+from actstats.hooks import Recorder
+from actstats.probe import collect
 from actstats.tensorboard import tag_name
 
 # every test here runs on both reduction paths (tests/conftest.py)
@@ -330,6 +332,29 @@ def test_a_module_added_between_sampled_steps_is_hooked():
         train_step(model, torch.randn(4, 6))
         w.step()
         assert [layer.name for layer in w.report().layers] == ["0", "1", "2", "3"]
+
+
+def test_a_module_replaced_under_its_name_between_sampled_steps_is_hooked():
+    model = small_model()
+    with actstats.watch(model, every=1) as w:
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        model[1] = nn.Sigmoid()  # same name, another module
+        train_step(model, torch.randn(4, 6))
+        w.step()
+        assert [layer.type for layer in w.report().layers] == ["Linear", "Sigmoid", "Linear"]
+        assert w.report().layers[1].saturation is not None
+
+
+def test_a_recorder_attached_again_after_detach_records_again():
+    model = small_model()
+    recorder = Recorder(model)
+    for _ in range(2):
+        recorder.reset()
+        with recorder:
+            train_step(model, torch.randn(4, 6))
+        assert [s.name for s in collect(recorder)] == ["0", "1", "2"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_a_gradient_from_an_earlier_sampled_step_is_ignored():
