@@ -607,39 +607,50 @@ class Recorder:
             return None, lambda host: []
         device = self._device if self._device is not None else torch.device("cpu")
         # All rows are finalized together, then reduced per record with index_add /
-        # scatter_reduce: a fixed number of device operations per step, whatever the number of
-        # layers. Row counts and owners (Python integers) reach the device in one copy that does not
-        # wait for it (stats.finalize_store).
+        # scatter_reduce: a fixed number of operations per step, whatever the number of layers.
+        # Row counts and owners (Python integers) reach the device in one copy that does not
+        # wait for it (stats.finalize_store). On the CPU the same arithmetic runs in numpy.
+        host = stats.merges_on_host(device)
+        xp: Any = np if host else torch
+        cat = np.concatenate if host else torch.cat
         n_rec = len(states)
         act_rows, act_owner = _columns(self._act_rows)
         in_rows, in_owner = _columns(self._input_rows)
         grad_rows, grad_owner = _columns(self._grad_rows)
-        final, (act_rows_t, act_owner_t, in_rows_t, in_owner_t, grad_rows_t, grad_owner_t, root_rows_t) = \
+        final, (act_rows_i, act_owner_i, in_rows_i, in_owner_i, grad_rows_i, grad_owner_i, root_rows_i) = \
             stats.finalize_store(self.store, device, act_rows, act_owner, in_rows, in_owner, grad_rows, grad_owner,
                                  self._root_rows)
-        act = final.index_select(0, act_rows_t)  # index lists come as int64 (stats.finalize_store)
-        act_sums = torch.cat([
-            stats.sum_by_owner(act, act_owner_t, n_rec, _ROW_ACT),
-            stats.sum_by_owner(final.index_select(0, in_rows_t), in_owner_t, n_rec, _ROW_INPUT),
-        ], dim=1)
-        act_high, act_low = _extremes(act, act_owner_t, n_rec)
-        grad = final.index_select(0, grad_rows_t)
-        grad_sums = stats.sum_by_owner(grad, grad_owner_t, n_rec, _ROW_GRAD)
-        grad_high, grad_low = _extremes(grad, grad_owner_t, n_rec)
-        inputs = stats.select_columns(final.index_select(0, root_rows_t), _ROW_ROOT).sum(0)
-        sums: list[torch.Tensor] = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
-        maxes: list[torch.Tensor] = [torch.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
+        act = final[act_rows_i]
+        act_sums = cat([
+            stats.sum_by_owner(act, act_owner_i, n_rec, _ROW_ACT),
+            stats.sum_by_owner(final[in_rows_i], in_owner_i, n_rec, _ROW_INPUT),
+        ], 1)
+        act_high, act_low = stats.extremes_by_owner(act, act_owner_i, n_rec)
+        grad = final[grad_rows_i]
+        grad_sums = stats.sum_by_owner(grad, grad_owner_i, n_rec, _ROW_GRAD)
+        grad_high, grad_low = stats.extremes_by_owner(grad, grad_owner_i, n_rec)
+        inputs = stats.select_columns(final[root_rows_i], _ROW_ROOT).sum(0)
+        sums = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
+        maxes = [xp.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
+        # Per-record extras, tensors on the device: alive-unit masks and histograms.
+        extra_sums: list[torch.Tensor] = []
+        extra_maxes: list[torch.Tensor] = []
         maxima = [s.unit_max for s in states if s.unit_max is not None]
         alive = iter((stats.join(maxima, device) > 0).double().split([m.numel() for m in maxima]) if maxima else ())
-        for s in states:  # per-record extras: alive-unit masks and histograms
+        for s in states:
             if s.unit_max is not None:
-                maxes.append(next(alive))
+                extra_maxes.append(next(alive))
             for hist, edges in ((s.act_hist, s.act_range), (s.grad_hist, s.grad_range)):
                 if hist is not None:
-                    sums.append(hist)
+                    extra_sums.append(hist)
                     if isinstance(edges, torch.Tensor):  # measured on the device; a hint stays on the host
-                        maxes.append(edges)
-        sum_vec, max_vec = stats.join(sums, device), stats.join(maxes, device)
+                        extra_maxes.append(edges)
+        if host:
+            sums += [stats.join(extra_sums, device).numpy()] if extra_sums else []
+            maxes += [stats.join(extra_maxes, device).numpy()] if extra_maxes else []
+            sum_vec, max_vec = torch.from_numpy(np.concatenate(sums)), torch.from_numpy(np.concatenate(maxes))
+        else:
+            sum_vec, max_vec = stats.join(sums + extra_sums, device), stats.join(maxes + extra_maxes, device)
         if all_reduce is not None:
             all_reduce(sum_vec, max_vec)
         tail = [] if extra is None else [extra.to(device=device, dtype=torch.float64)]
@@ -731,15 +742,6 @@ def _own(pairs: list[tuple[int, int]], rows: list[int], record: int) -> None:
 def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Split ``(row, record)`` pairs into a list of rows and a list of records."""
     return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _extremes(rows: torch.Tensor, owner: torch.Tensor, n_rec: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per owning record, the max of the rows' maxima and the min of their minima (NaN ignored)."""
-    high = rows.new_full((n_rec,), -math.inf).scatter_reduce_(
-        0, owner, rows[:, stats.F_MAX].nan_to_num(nan=-math.inf), "amax")
-    low = rows.new_full((n_rec,), math.inf).scatter_reduce_(
-        0, owner, rows[:, stats.F_MIN].nan_to_num(nan=math.inf), "amin")
-    return high, low
 
 
 # Finalized-row columns summed per record, in the order of the record's additive

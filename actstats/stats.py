@@ -462,40 +462,79 @@ def finalize(raw: Any, numels: Any, xp: Any = torch) -> Any:
     ``xp`` is the array library of ``raw`` and ``numels``: ``torch`` (tensors), or ``numpy``
     for rows already on the host (the same operations, in the same order).
     """
-    c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
-    welford = k < 0
-    low, high = raw[:, R_MIN], raw[:, R_MAX]
-    marks = xp.round(xp.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
-    blind = k == WELFORD_NO_EXTREMES
-    bad = xp.where(blind, marks > 0, ~(xp.isfinite(low) & xp.isfinite(high)))
-    nonfinite = xp.where(bad, marks, xp.zeros_like(c))
-    k = xp.where(welford, 1.0, k)  # a Welford row is shifted (by its mean) but not scaled
-    shifted = raw[:, R_SUM] / k  # zero for Welford rows
-    nan = xp.full_like(shifted, math.nan)
-    total = xp.where(bad, nan, shifted + numels * c)
-    sumsq = xp.where(bad, nan, raw[:, R_SUMSQ] / (k * k) + c * (2 * shifted + numels * c))
-    zeros = xp.where(welford, numels - raw[:, R_ZEROS], raw[:, R_ZEROS])
-    return xp.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], 1)
+    with np.errstate(all="ignore"):  # rows that held NaN or Inf are expected (numpy would warn)
+        c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
+        welford = k < 0
+        low, high = raw[:, R_MIN], raw[:, R_MAX]
+        marks = xp.round(xp.where(welford, numels * c / MARK64, raw[:, R_SUM] / MARK))
+        blind = k == WELFORD_NO_EXTREMES
+        bad = xp.where(blind, marks > 0, ~(xp.isfinite(low) & xp.isfinite(high)))
+        nonfinite = xp.where(bad, marks, xp.zeros_like(c))
+        k = xp.where(welford, 1.0, k)  # a Welford row is shifted (by its mean) but not scaled
+        shifted = raw[:, R_SUM] / k  # zero for Welford rows
+        nan = xp.full_like(shifted, math.nan)
+        total = xp.where(bad, nan, shifted + numels * c)
+        sumsq = xp.where(bad, nan, raw[:, R_SUMSQ] / (k * k) + c * (2 * shifted + numels * c))
+        zeros = xp.where(welford, numels - raw[:, R_ZEROS], raw[:, R_ZEROS])
+        return xp.stack([numels, total, sumsq, zeros, nonfinite, raw[:, R_SATURATED], low, high], 1)
 
 
-def finalize_store(store: RowStore, device: torch.device, *indices: list[int]
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+#: Merge the rows of a CPU recorder in numpy, on the host where they already are; off, a CPU
+#: recorder merges with the PyTorch operations that other devices use (the tests run both).
+host_merge_on_cpu = True
+
+
+def merges_on_host(device: torch.device) -> bool:
+    """True when rows on ``device`` are merged in numpy (:data:`host_merge_on_cpu`, CPU only):
+    a few dozen operations on arrays of a few hundred values cost a microsecond or two each
+    there, against several for the same operations on tensors."""
+    return host_merge_on_cpu and device.type == "cpu"
+
+
+def finalize_store(store: RowStore, device: torch.device, *indices: list[int]) -> tuple[Any, list[Any]]:
     """Every row of ``store`` finalized on ``device`` (:func:`finalize`), and each list of Python
-    integers in ``indices`` (row numbers, owners) as an int64 tensor there: all of them reach the
-    device with the element counts in one copy that does not wait for it (:func:`to_device`)."""
+    integers in ``indices`` (row numbers, owners) as int64 there: all of them reach the device
+    with the element counts in one copy that does not wait for it (:func:`to_device`). On the
+    host (:func:`merges_on_host`) numpy arrays, the rows read in place where the kernels wrote them."""
+    if merges_on_host(device):
+        numels = np.asarray(store.numels(), dtype=np.float64)
+        return finalize(store.collect(device).numpy(), numels, np), [np.asarray(v, dtype=np.int64) for v in indices]
     meta = to_device(store.numels() + [i for values in indices for i in values], torch.long, device)
     numels, *tensors = meta.split([len(store), *map(len, indices)])
     return finalize(store.collect(device), numels.double()), tensors
 
 
-def select_columns(rows: torch.Tensor, columns: list[int]) -> torch.Tensor:
+def select_columns(rows: Any, columns: list[int]) -> Any:
     """``rows[:, columns]`` without copying the list to the device (which synchronises on CUDA)."""
+    if isinstance(rows, np.ndarray):
+        return rows[:, columns]
     return torch.stack([rows[:, c] for c in columns], dim=1)
 
 
-def sum_by_owner(rows: torch.Tensor, owner: torch.Tensor, n_owners: int, columns: list[int]) -> torch.Tensor:
-    """Sum ``columns`` of finalized ``rows`` per owner (``owner[i]`` owns row ``i``): ``[n_owners, len(columns)]``."""
+def sum_by_owner(rows: Any, owner: Any, n_owners: int, columns: list[int]) -> Any:
+    """Sum ``columns`` of finalized ``rows`` per owner (``owner[i]`` owns row ``i``): ``[n_owners, len(columns)]``
+    (tensors, or numpy arrays on the host)."""
+    if isinstance(rows, np.ndarray):
+        out = np.zeros((n_owners, len(columns)))
+        np.add.at(out, owner, rows[:, columns])
+        return out
     return rows.new_zeros(n_owners, len(columns)).index_add_(0, owner, select_columns(rows, columns))
+
+
+def extremes_by_owner(rows: Any, owner: Any, n_owners: int) -> tuple[Any, Any]:
+    """Per owner, the max of the finalized rows' maxima and the min of their minima (NaN
+    ignored; ``-inf``/``+inf`` for an owner without a number), as tensors or numpy arrays."""
+    high_in, low_in = rows[:, F_MAX], rows[:, F_MIN]
+    if isinstance(rows, np.ndarray):
+        high, low = np.full(n_owners, -math.inf), np.full(n_owners, math.inf)
+        np.maximum.at(high, owner, np.where(np.isnan(high_in), -math.inf, high_in))
+        np.minimum.at(low, owner, np.where(np.isnan(low_in), math.inf, low_in))
+        return high, low
+    high = rows.new_full((n_owners,), -math.inf).scatter_reduce_(
+        0, owner, high_in.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf), "amax")
+    low = rows.new_full((n_owners,), math.inf).scatter_reduce_(
+        0, owner, low_in.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf), "amin")
+    return high, low
 
 
 def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: int) -> torch.Tensor:

@@ -128,23 +128,23 @@ def weight_figures(modules: Sequence[nn.Module], *,
     if not layout:
         return None, lambda host: {}
     device = leads[0].device
-    if device.type == "cpu" and len(store) == n_parts and store.kernel_rows_only():
-        # One kernel row per part, already on the host: the same arithmetic in numpy, without
-        # a dozen operations on small tensors. A kernel row's shift is the part's first value.
-        raw = store.collect(device).numpy()
-        per_part = stats.finalize(raw, np.asarray(store.numels(), dtype=np.float64), np)
-        std, rms = _std_rms(per_part[:, stats.F_N], per_part[:, stats.F_SUM], per_part[:, stats.F_SUMSQ], np)
-        firsts = raw[np.cumsum([0] + [count for _, count, _ in layout[:-1]]), stats.R_SHIFT]
-        pieces = [torch.from_numpy(np.concatenate([np.stack([std, rms], 1).reshape(-1), firsts]))]
+    final, (owner,) = stats.finalize_store(store, device, owners)  # numpy arrays on the CPU
+    n, total, sumsq = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]).T
+    on_host = isinstance(final, np.ndarray)
+    xp: Any = np if on_host else torch
+    std, rms = _std_rms(n, total, sumsq, xp)
+    if on_host and len(store) == n_parts and store.kernel_rows_only():
+        # One kernel row per part, whose shift is the part's first value: no operation per module.
+        firsts = store.collect(device).numpy()[np.cumsum([0] + [count for _, count, _ in layout[:-1]]), stats.R_SHIFT]
     else:
-        final, (owner,) = stats.finalize_store(store, device, owners)
-        n, total, sumsq = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]).unbind(1)
-        std, rms = _std_rms(n, total, sumsq, torch)
-        pieces = [torch.stack([std, rms], dim=1).reshape(-1),
-                  stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)]
+        firsts = stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)
+    pieces = [xp.stack([std, rms], 1).reshape(-1), firsts]
     if verdicts:
         pieces.append(stats.join(verdicts, device, stack=True))
-    vector = torch.cat(pieces)
+    if on_host:
+        vector = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float64) for p in pieces]))
+    else:
+        vector = torch.cat(pieces)
 
     def decode(host: Any) -> dict[nn.Module, WeightFigures]:
         out: dict[nn.Module, WeightFigures] = {}
@@ -163,10 +163,11 @@ def weight_figures(modules: Sequence[nn.Module], *,
 
 def _std_rms(n: Any, total: Any, sumsq: Any, xp: Any) -> tuple[Any, Any]:
     """Population std and rms from counts, sums and sums of squares (``xp``: torch or numpy)."""
-    mean, mean_square = total / n, sumsq / n
-    variance = mean_square - mean * mean
-    variance = variance.clamp_min(0.0) if xp is torch else np.maximum(variance, 0.0)  # NaN stays NaN
-    return xp.sqrt(variance), xp.sqrt(mean_square)
+    with np.errstate(all="ignore"):  # NaN or Inf weights give NaN figures, as on the device
+        mean, mean_square = total / n, sumsq / n
+        variance = mean_square - mean * mean
+        variance = variance.clamp_min(0.0) if xp is torch else np.maximum(variance, 0.0)  # NaN stays NaN
+        return xp.sqrt(variance), xp.sqrt(mean_square)
 
 
 def parametric_modules(names: Sequence[str | None], modules: Mapping[str, nn.Module]) -> list[nn.Module]:

@@ -285,6 +285,21 @@ def test_iterable_and_callable_inputs():
     assert sizes == [6, 6, 6] and report.batch_size == 6
 
 
+def test_infinite_outputs_are_the_extremes():
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+        layer.bias.zero_()
+    x = torch.tensor([[math.inf, 1.0], [1.0, 2.0]])
+    with Recorder(layer) as recorder:
+        layer(x)
+    (summary,) = collect(recorder)
+    # outputs: [inf, -inf], [3, -1]; the extremes are what torch.aminmax gives
+    assert (summary.act.min, summary.act.max) == (-math.inf, math.inf)
+    assert summary.act.nonfinite == 2 and summary.act.numel == 4
+    assert math.isnan(summary.act.mean) and math.isnan(summary.act.std)
+
+
 def test_nonfinite_inputs_are_reported_not_raised():
     x = torch.randn(4, 3)
     x[0, 0] = float("nan")
