@@ -84,18 +84,29 @@ class Histogram:
         return list(self.edges[1:])
 
 
+_HISTOGRAM_FIELDS = tuple(f.name for f in fields(Histogram))
+
+
 def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float, vmax: float,
                    num: float, total: float, sumsq: float) -> Histogram | None:
     """Assemble a host-side :class:`Histogram`; None when nothing finite was counted."""
     if not num > 0 or not (math.isfinite(low) and math.isfinite(high) and high > low):
         return None
     bins = len(counts)
+    if not bins:
+        return None
     step = (high - low) / bins
     edges = [low + i * step for i in range(bins)] + [high]  # as np.linspace(low, high, bins + 1)
-    try:
-        return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
-    except ValueError:  # edges not strictly increasing: a range narrower than the float spacing
+    if not all(map(operator.lt, edges, edges[1:])):  # a range narrower than the float spacing
         return None
+    # Finite, strictly increasing edges, one more than the counts: what Histogram's checks and
+    # conversions would establish, skipped (a sampled step builds two histograms per record).
+    hist = object.__new__(Histogram)
+    fields = (tuple(edges), tuple(np.asarray(counts, dtype=np.float64).reshape(-1).tolist()),
+              float(vmin), float(vmax), float(num), float(total), float(sumsq))
+    for name, value in zip(_HISTOGRAM_FIELDS, fields):
+        object.__setattr__(hist, name, value)
+    return hist
 
 
 @dataclass(frozen=True)

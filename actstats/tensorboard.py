@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -48,6 +49,7 @@ _PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _LAID_OUT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the same layers every sampled step: each name is escaped once
 def tag_name(layer: str) -> str:
     """Make a record name valid inside a TensorBoard tag (``[A-Za-z0-9_./-]``), injectively.
 
@@ -358,8 +360,10 @@ def _without_empty_runs(limits: list[float], counts: list[float]) -> tuple[list[
     The same histogram, fewer bytes: a bucket spans from the previous limit to
     its own, so a merged empty bucket covers exactly the empty range.
     """
-    last = len(counts) - 1
-    kept = [i for i in range(last + 1) if counts[i] or i == last or counts[i + 1]]  # a run keeps its last
+    if all(counts):  # nothing to merge (a histogram's usual case is a few empty bins at its ends)
+        return limits, counts
+    # bucket i is kept unless it and the next one are both empty (a run keeps its last)
+    kept = [i for i, (count, after) in enumerate(zip(counts, counts[1:] + [1.0])) if count or after]
     return [limits[i] for i in kept], [counts[i] for i in kept]
 
 

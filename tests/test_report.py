@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import actstats
-from actstats.report import CSV_COLUMNS, make_histogram
+from actstats.report import CSV_COLUMNS, Histogram, make_histogram
 from actstats.table import number, render, shorten
 
 LAYER_KEYS = {"name", "type", "index", "act", "input_rms", "grad", "dead_frac", "saturation", "weight", "flags"}
@@ -99,6 +99,14 @@ def test_number_format_is_at_most_seven_characters():
 def test_made_histogram_edges_are_numpys_linspace(low, high):
     hist = make_histogram(np.ones(64), low, high, low, high, 64.0, 0.0, 1.0)
     assert list(hist.edges) == np.linspace(low, high, 65).tolist()
+
+
+def test_made_histogram_equals_the_checked_constructor():
+    counts = np.array([3.0, 0.0, 5.0, 1.0])
+    made = make_histogram(counts, -1.0, 3.0, -0.9, 2.5, 9.0, 4.25, 11.5)
+    checked = Histogram(np.linspace(-1.0, 3.0, 5), counts, -0.9, 2.5, 9, 4.25, 11.5)
+    assert made == checked and hash(made) == hash(checked)
+    assert type(made.edges) is tuple and type(made.counts) is tuple and type(made.num) is float
 
 
 def test_a_range_narrower_than_the_float_spacing_gives_no_histogram():

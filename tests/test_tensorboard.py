@@ -406,6 +406,14 @@ def test_runs_of_empty_buckets_are_written_as_one(report: actstats.Report, tmp_p
     assert (h.min, h.max, h.num) == (2.2, 6.5, 3)
 
 
+def test_a_histogram_without_empty_buckets_is_written_as_it_is(report: actstats.Report, tmp_path: Path) -> None:
+    hist = Histogram(np.arange(4.0), [1, 2, 1], 0.5, 2.5, 4, 6.0, 10.5)
+    with TensorBoardSink(tmp_path) as sink:
+        sink.write_report(report, 0, histograms={"fc1": (hist, None)})
+    h = load(tmp_path).Histograms("activations/fc1")[0].histogram_value
+    assert (h.bucket_limit, h.bucket) == ([1.0, 2.0, 3.0], [1.0, 2.0, 1.0])
+
+
 def test_a_sink_frames_records_with_the_compiled_checksum_and_the_same_bytes(tmp_path, report, reduction_path):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
