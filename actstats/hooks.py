@@ -465,14 +465,14 @@ class Recorder:
 
     def _rows_of_input(self, x: torch.Tensor) -> list[int] | None:
         """The input's raw rows; when an earlier record produced it, unchanged since
-        (same object, same version), that record's rows."""
+        (same object, same version), that record's rows. Called with ``__torch_function__``
+        handling off, as :meth:`_observe` is."""
         seen = self._seen.get(id(x))
         if seen is not None and seen[0]() is x and seen[1] == x._version:
             return seen[2]
         if not x.is_floating_point():
             return None
-        with torch._C.DisableTorchFunction():
-            rows = self.store.reduce(x, extremes=False)  # an input's min and max are not reported
+        rows = self.store.reduce(x, extremes=False)  # an input's min and max are not reported
         self._seen[id(x)] = (weakref.ref(x), x._version, rows)
         return rows
 
@@ -482,11 +482,13 @@ class Recorder:
             return func(*args, **kwargs)
         type_name = FUNCTIONAL_ACTIVATIONS[func][0]
         x = args[0] if args else None
-        inputs = self._rows_of_input(x) if isinstance(x, torch.Tensor) else None
+        with torch._C.DisableTorchFunction():  # as in the hooks
+            inputs = self._rows_of_input(x) if isinstance(x, torch.Tensor) else None
         output = func(*args, **kwargs)
         short = type_name.split(".", 1)[1]
         key = f"{owner.name}.{short}()" if owner.name else f"{short}()"
-        self._observe(key, type_name, None, functional_activation(func, args, kwargs), output, inputs)
+        with torch._C.DisableTorchFunction():
+            self._observe(key, type_name, None, functional_activation(func, args, kwargs), output, inputs)
         return output
 
     def _observe(
@@ -498,6 +500,9 @@ class Recorder:
         output: Any,
         inputs: list[int] | None,
     ) -> None:
+        """Reduce a call's output into the store under its record (created on the record's first
+        call this step) and register its gradient hook. The caller has turned ``__torch_function__``
+        handling off (the hooks, and :meth:`_functional_call`, enter ``DisableTorchFunction``)."""
         count = self._calls.get(key, 0)
         self._calls[key] = count + 1
         name = key if count == 0 else f"{key}#{count}"
@@ -510,32 +515,31 @@ class Recorder:
             state = RecordState(name, type_name, len(self.records), module_name, activation, unit_dim)
             self.records[name] = state
         family = activation.family if activation is not None else None
-        with torch._C.DisableTorchFunction():
-            if family == "relu":  # also the alive units
-                rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True)
-            elif family == "saturating":
-                rows = self.store.reduce(y, zeros=True, saturation=(activation.low, activation.high),  # type: ignore[union-attr]
-                                         eps=self.eps)
-            else:
-                rows = self.store.reduce(y, zeros=True)
-            record = state.index
-            _own(self._act_rows, rows, record)
-            if inputs:
-                _own(self._input_rows, inputs, record)
-            if self._device is None:
-                self._device = y.device
-            # This output's rows, for a later record that receives it unchanged.
-            self._seen[id(y)] = (weakref.ref(y), y._version, rows)
-            if self.bins:
-                if state.act_range is None:
-                    state.act_range = self._range(name, 0, rows, y.device)
-                state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
-            if self.backward and y.requires_grad and torch.is_grad_enabled():
-                node = y.grad_fn
-                if node is None:  # a leaf that requires grad (a parameter returned as it is)
-                    y.register_hook(self._grad_hook(state))
-                else:  # the tensor hook's gradient, at half its cost (see _grad_hook)
-                    node.register_prehook(self._grad_hook(state, y.output_nr))
+        if family == "relu":  # also the alive units
+            rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True)
+        elif family == "saturating":
+            rows = self.store.reduce(y, zeros=True, saturation=(activation.low, activation.high),  # type: ignore[union-attr]
+                                     eps=self.eps)
+        else:
+            rows = self.store.reduce(y, zeros=True)
+        record = state.index
+        _own(self._act_rows, rows, record)
+        if inputs:
+            _own(self._input_rows, inputs, record)
+        if self._device is None:
+            self._device = y.device
+        # This output's rows, for a later record that receives it unchanged.
+        self._seen[id(y)] = (weakref.ref(y), y._version, rows)
+        if self.bins:
+            if state.act_range is None:
+                state.act_range = self._range(name, 0, rows, y.device)
+            state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
+        if self.backward and y.requires_grad and torch.is_grad_enabled():
+            node = y.grad_fn
+            if node is None:  # a leaf that requires grad (a parameter returned as it is)
+                y.register_hook(self._grad_hook(state))
+            else:  # the tensor hook's gradient, at half its cost (see _grad_hook)
+                node.register_prehook(self._grad_hook(state, y.output_nr))
 
     def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
