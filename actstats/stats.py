@@ -371,12 +371,13 @@ class RowStore:
         With PyTorch operations, off the CPU a Welford row of a float64 copy (two device
         operations); on the CPU shifted by the first value and not scaled (weights are
         finite and far from float32 overflow)."""
-        xf = as_float(x)
-        if native.dense_float32_cpu(xf):
-            if not xf.numel():
+        xf = x if _kernel_reads(x) else as_float(x)  # no detached copy in the common case
+        if xf is x or native.dense_float32_cpu(xf):
+            n = xf.numel()
+            if not n:
                 return []
-            row, address = self._native_row(xf.numel())
-            native.kernels.sums(xf.data_ptr(), xf.numel(), address, torch.get_num_threads())
+            row, address = self._native_row(n)
+            native.kernels.sums(xf.data_ptr(), n, address, torch.get_num_threads())
             return [row]
         numbers = []
         for part in chunks(xf):

@@ -9,6 +9,7 @@ the ``weight`` block (SPEC 5).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -189,12 +190,18 @@ def _part_info(part: theory.WeightPart, figures: tuple[float, float],
         nonlinearity, param = following.nonlinearity, following.param
     else:
         nonlinearity, param = "linear", None
-    fan_in, fan_out = theory.fans(part.tensor)
+    static = _theory_of(part.tensor.shape, nonlinearity, param)
+    return {"name": part.name, "std": std, **static, "predicted_gain": math.sqrt(static["fan_in"]) * rms}
+
+
+@functools.lru_cache(maxsize=1 << 12)  # a watched model asks again every sampled step
+def _theory_of(shape: torch.Size, nonlinearity: str, param: float | None) -> dict[str, Any]:
+    """What theory says of a weight part of this shape followed by this nonlinearity: fans,
+    the three schemes' stds, the reference scheme and its std (no measured figure)."""
+    fan_in, fan_out = theory.fans(torch.empty(shape, device="meta"))  # fans depend on the shape alone
     gain = theory.gain(nonlinearity, param)
     reference = theory.reference_scheme(nonlinearity)
     return {
-        "name": part.name,
-        "std": std,
         "fan_in": fan_in,
         "fan_out": fan_out,
         "xavier_std": theory.xavier_std(fan_in, fan_out),
@@ -203,7 +210,6 @@ def _part_info(part: theory.WeightPart, figures: tuple[float, float],
         "expected_std": theory.expected_std(reference, fan_in, fan_out, gain),
         "reference": reference,
         "nonlinearity": nonlinearity,
-        "predicted_gain": math.sqrt(fan_in) * rms,
     }
 
 
