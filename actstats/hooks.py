@@ -340,8 +340,8 @@ class Recorder:
             channels = True if isinstance(module, _CHANNEL_LAYERS) else False if owns_parameters(module) else None
             activation = module_activation(module) if record else None
             self._handles.append(module.register_forward_hook(
-                self._post_hook(name, record, is_root, channels, activation), with_kwargs=True,
-                always_call=is_root))
+                self._post_hook(name, record, is_root, channels, activation, type(module).__name__),
+                with_kwargs=True, always_call=is_root))
 
     def detach(self) -> None:
         """Remove every hook and leave the function mode; safe to call twice."""
@@ -379,54 +379,57 @@ class Recorder:
     def _pre_hook(self, name: str, record: bool, is_root: bool):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             with torch._C.DisableTorchFunction():
-                body(module, args, kwargs)
-
-        def body(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if is_root:
-                if self._check_modules:
-                    self._check_modules = False
-                    self._hook_new_modules()
-                self._calls.clear()
-                self.stack.clear()
-                self._seen.clear()
-                self._skipping = not self.record_no_grad and not torch.is_grad_enabled()
+                if is_root:
+                    self._start_forward(args, kwargs)
                 if self._skipping:
                     return
-                self.forward_calls += 1
-                x = _first_input(args, kwargs)
-                if x is not None:
-                    if self.input_shape is None:
-                        self.input_shape = tuple(x.shape)
-                    self._root_rows += self._rows_of_input(x) or []  # also the first layer's input
-                if self._mode is not None and self._mode_off:  # an earlier forward was interrupted
-                    self._mode, self._mode_off = None, False  # inside a leaf: that mode is off the stack
-                if self._mode is None:
-                    self._mode = _FunctionalActivations(self)
-                    self._mode.__enter__()
-                    self._mode_depth = torch._C._len_torch_function_stack()
-            if self._skipping:
-                return
-            inputs = None
-            if record:
-                x = _first_input(args, kwargs)
-                if x is not None:
-                    inputs = self._rows_of_input(x)
-            frame = _Frame(module, name, args, kwargs, inputs)
-            if not is_root:
-                if self._leaf.get(id(module)):
-                    if self._mode_on_top():
-                        # Functional calls inside a leaf belong to the leaf: the mode steps aside while
-                        # it runs, so that its own operations (conv2d, batch_norm, ...) are not intercepted.
-                        torch._C._pop_torch_function_stack()
-                        frame.mode_off = self._mode_off = True
-                elif self._mode is not None and self._mode_off:
-                    # a module with children called from inside a leaf's forward: its functional
-                    # calls are its own, so the mode comes back while it runs
-                    torch._C._push_on_torch_function_stack(self._mode)
-                    frame.mode_back = True
-                    self._mode_off = False
-            self.stack.append(frame)
+                inputs = None
+                if record:
+                    x = _first_input(args, kwargs)
+                    if x is not None:
+                        inputs = self._rows_of_input(x)
+                frame = _Frame(module, name, args, kwargs, inputs)
+                if not is_root:
+                    if self._leaf.get(id(module)):
+                        if self._mode_on_top():
+                            # Functional calls inside a leaf belong to the leaf: the mode steps aside while
+                            # it runs, so that its own operations (conv2d, batch_norm, ...) are not intercepted.
+                            torch._C._pop_torch_function_stack()
+                            frame.mode_off = self._mode_off = True
+                    elif self._mode is not None and self._mode_off:
+                        # a module with children called from inside a leaf's forward: its functional
+                        # calls are its own, so the mode comes back while it runs
+                        torch._C._push_on_torch_function_stack(self._mode)
+                        frame.mode_back = True
+                        self._mode_off = False
+                self.stack.append(frame)
         return hook
+
+    def _start_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The root's forward begins: hook modules added since the last step, reduce the model's
+        input, enter the function mode (unless the pass is skipped: ``torch.no_grad()`` with
+        ``record_no_grad`` off)."""
+        if self._check_modules:
+            self._check_modules = False
+            self._hook_new_modules()
+        self._calls.clear()
+        self.stack.clear()
+        self._seen.clear()
+        self._skipping = not self.record_no_grad and not torch.is_grad_enabled()
+        if self._skipping:
+            return
+        self.forward_calls += 1
+        x = _first_input(args, kwargs)
+        if x is not None:
+            if self.input_shape is None:
+                self.input_shape = tuple(x.shape)
+            self._root_rows += self._rows_of_input(x) or []  # also the first layer's input
+        if self._mode is not None and self._mode_off:  # an earlier forward was interrupted
+            self._mode, self._mode_off = None, False  # inside a leaf: that mode is off the stack
+        if self._mode is None:
+            self._mode = _FunctionalActivations(self)
+            self._mode.__enter__()
+            self._mode_depth = torch._C._len_torch_function_stack()
 
     def _mode_on_top(self) -> bool:
         """True when our function mode is the innermost one (other modes may have been entered
@@ -436,31 +439,29 @@ class Recorder:
             and torch._C._len_torch_function_stack() == self._mode_depth
 
     def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
-                   activation: Activation | None):
+                   activation: Activation | None, kind: str):
+        key = name or kind
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             with torch._C.DisableTorchFunction():
-                body(module, output)
-
-        def body(module: nn.Module, output: Any) -> None:
-            try:
-                if self._skipping or not self.stack or self.stack[-1].module is not module:
-                    return  # forward raised below this module (always_call), or skipped pass
-                frame = self.stack.pop()
-                if frame.mode_off:
-                    torch._C._push_on_torch_function_stack(self._mode)
-                    self._mode_off = False
-                elif frame.mode_back:
-                    torch._C._pop_torch_function_stack()
-                    self._mode_off = True
-                if not record:
-                    return
-                kind = type(module).__name__
-                self._observe(name or kind, kind, name, activation, output, frame.inputs)
-                if channels is not None:
-                    self._channel_units = channels
-            finally:
-                if is_root:
-                    self._exit_mode()
+                try:
+                    if self._skipping or not self.stack or self.stack[-1].module is not module:
+                        return  # forward raised below this module (always_call), or skipped pass
+                    frame = self.stack.pop()
+                    if frame.mode_off:
+                        torch._C._push_on_torch_function_stack(self._mode)
+                        self._mode_off = False
+                    elif frame.mode_back:
+                        torch._C._pop_torch_function_stack()
+                        self._mode_off = True
+                    if not record:
+                        return
+                    self._observe(key, kind, name, activation, output, frame.inputs)
+                    if channels is not None:
+                        self._channel_units = channels
+                finally:
+                    if is_root:
+                        self._exit_mode()
         return hook
 
     def _rows_of_input(self, x: torch.Tensor) -> list[int] | None:
@@ -518,8 +519,8 @@ class Recorder:
         if family == "relu":  # also the alive units
             rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True)
         elif family == "saturating":
-            rows = self.store.reduce(y, zeros=True, saturation=(activation.low, activation.high),  # type: ignore[union-attr]
-                                     eps=self.eps)
+            bounds = (activation.low, activation.high)  # type: ignore[union-attr]
+            rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
         else:
             rows = self.store.reduce(y, zeros=True)
         record = state.index

@@ -266,7 +266,8 @@ class RowStore:
         units = view.shape[dim]
         if layout is not None and (maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))):
             out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
-            row = self._kernel_row(view, view.numel(), zeros, saturation, eps, (out.data_ptr(), *layout, maxima is not None))
+            arguments = (out.data_ptr(), *layout, maxima is not None)
+            row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments)
             return [row], out
         return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
 
@@ -499,7 +500,8 @@ def finalize_store(store: RowStore, device: torch.device, *indices: list[int]) -
     host (:func:`merges_on_host`) numpy arrays, the rows read in place where the kernels wrote them."""
     if merges_on_host(device):
         numels = np.asarray(store.numels(), dtype=np.float64)
-        return finalize(store.collect(device).numpy(), numels, np), [np.asarray(v, dtype=np.int64) for v in indices]
+        final = finalize(store.collect(device).numpy(), numels, np)
+        return final, [np.asarray(v, dtype=np.int64) for v in indices]
     meta = to_device(store.numels() + [i for values in indices for i in values], torch.long, device)
     numels, *tensors = meta.split([len(store), *map(len, indices)])
     return finalize(store.collect(device), numels.double()), tensors

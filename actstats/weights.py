@@ -136,7 +136,8 @@ def weight_figures(modules: Sequence[nn.Module], *,
     std, rms = _std_rms(n, total, sumsq, xp)
     if on_host and len(store) == n_parts and store.kernel_rows_only():
         # One kernel row per part, whose shift is the part's first value: no operation per module.
-        firsts = store.collect(device).numpy()[np.cumsum([0] + [count for _, count, _ in layout[:-1]]), stats.R_SHIFT]
+        lead_rows = np.cumsum([0] + [count for _, count, _ in layout[:-1]])  # each module's first part
+        firsts = store.collect(device).numpy()[lead_rows, stats.R_SHIFT]
     else:
         firsts = stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)
     pieces = [xp.stack([std, rms], 1).reshape(-1), firsts]
