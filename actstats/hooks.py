@@ -21,15 +21,19 @@ Mechanisms:
   forward hook. Unlike ``register_full_backward_hook``, a tensor hook stays
   correct when an in-place op (``nn.ReLU(inplace=True)``) later modifies that
   output: autograd hands it the gradient w.r.t. the value the record produced.
+  It also sees a gradient that ``torch.autograd.grad`` captures at that output,
+  and the gradient before any tensor hook the user registers on it afterwards
+  (a pre-hook on the output's ``grad_fn`` would miss the first, being on a node
+  that is not run, and see the second's changes).
 
 Hooks never keep a tensor beyond the call that produced it: each one reduces
-``tensor.detach()`` into raw rows of the recorder's :class:`~actstats.stats.RowStore`
+its tensor into raw rows of the recorder's :class:`~actstats.stats.RowStore`
 on the tensor's device and notes which record owns them (the stack of running
 modules refers to their arguments only until they return; the rows of each
 output are found again by a weak reference, so that a layer whose input is an
 earlier output does not reduce it twice). Nothing is moved to the host here:
-:meth:`Recorder.gather` merges on the device and the caller makes the one
-transfer.
+:meth:`Recorder.gather` merges (on the device; in numpy for a CPU model, whose
+rows are already on the host) and the caller makes the one transfer.
 """
 
 from __future__ import annotations
@@ -263,11 +267,11 @@ class Recorder:
         self.eps = eps
         self.record_no_grad = record_no_grad
         self._handles: list[RemovableHandle] = []
+        self._leaf_hooks: list[RemovableHandle] = []  # gradient hooks on leaf outputs (they outlive a step)
         self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._leaf: dict[int, bool] = {}
         self._mode: _FunctionalActivations | None = None
         self._mode_off = False  # the mode is off the stack while a leaf runs
-        self._mode_depth = 0  # the function-mode stack's depth with our mode on top
         #: the root's modules by name, as of the latest look for new ones
         self.modules: dict[str, nn.Module] = {}
         self._hooked_as: dict[str, nn.Module] = {}  # the walk that the hooks were last checked against
@@ -282,6 +286,7 @@ class Recorder:
         self.bins = histogram_bins
         self.range_hints = dict(range_hints or {})
         self.generation += 1
+        self._remove_leaf_hooks()
         self.records: dict[str, RecordState] = {}
         self.stack: list[_Frame] = []
         self._calls: dict[str, int] = {}
@@ -349,10 +354,18 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_leaf_hooks()
         self._hooked = weakref.WeakSet()
         self._hooked_as = {}
         self.stack.clear()
         self._exit_mode()
+
+    def _remove_leaf_hooks(self) -> None:
+        """Remove the gradient hooks put on leaf tensors that a module returned as they are (a
+        parameter): unlike the graph's intermediate tensors, those outlive the step."""
+        for handle in self._leaf_hooks:
+            handle.remove()
+        self._leaf_hooks.clear()
 
     def _exit_mode(self) -> None:
         if self._mode is not None:
@@ -429,14 +442,14 @@ class Recorder:
         if self._mode is None:
             self._mode = _FunctionalActivations(self)
             self._mode.__enter__()
-            self._mode_depth = torch._C._len_torch_function_stack()
 
     def _mode_on_top(self) -> bool:
         """True when our function mode is the innermost one (other modes may have been entered
-        inside the model's forward: those are left as they are). Modes nest, so ours is on top
-        exactly when the stack is as deep as it was once ours was entered."""
-        return self._mode is not None and not self._mode_off \
-            and torch._C._len_torch_function_stack() == self._mode_depth
+        inside the model's forward: those are left as they are)."""
+        if self._mode is None or self._mode_off:
+            return False
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self._mode
 
     def _post_hook(self, name: str, record: bool, is_root: bool, channels: bool | None,
                    activation: Activation | None, kind: str):
@@ -536,11 +549,9 @@ class Recorder:
                 state.act_range = self._range(name, 0, rows, y.device)
             state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
-            node = y.grad_fn
-            if node is None:  # a leaf that requires grad (a parameter returned as it is)
-                y.register_hook(self._grad_hook(state))
-            else:  # the tensor hook's gradient, at half its cost (see _grad_hook)
-                node.register_prehook(self._grad_hook(state, y.output_nr))
+            handle = y.register_hook(self._grad_hook(state))
+            if y.grad_fn is None:  # a leaf (a parameter returned as it is) outlives the step:
+                self._leaf_hooks.append(handle)  # its hook is removed at the next reset
 
     def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
@@ -550,25 +561,14 @@ class Recorder:
             return float(hint[0]), float(hint[1])
         return stats.histogram_range(self.store.extremes(rows, device))
 
-    def _grad_hook(self, state: RecordState, output: int | None = None):
-        """The gradient hook of a record's output: a tensor hook (``output`` None), or a pre-hook on
-        the node that produced the output, taking the gradient of output number ``output``.
-
-        Both see the same gradient: a tensor hook on a non-leaf is itself a pre-hook on the node
-        that was the tensor's ``grad_fn`` when it was registered, and so, like it, the node
-        pre-hook keeps receiving the gradient w.r.t. the value the record produced when an
-        in-place operation (``nn.ReLU(inplace=True)``) later modifies that tensor. The node
-        pre-hook costs less to register (no hook dictionary on the tensor, no handle).
-        """
+    def _grad_hook(self, state: RecordState):
         generation = self.generation
 
-        def hook(grad: Any) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
             if not self.active or self.generation != generation:
                 return
-            if output is not None:
-                grad = grad[output]
-                if grad is None:  # no gradient reached this output (a tensor hook is not called then)
-                    return
+            if grad is None:  # no gradient reached this output (autograd calls the hook with None)
+                return
             with torch._C.DisableTorchFunction():
                 rows = self.store.reduce(grad, extremes=bool(self.bins))  # only a histogram reads them
                 state.grad_calls += 1

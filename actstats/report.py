@@ -102,9 +102,9 @@ def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float
     # Finite, strictly increasing edges, one more than the counts: what Histogram's checks and
     # conversions would establish, skipped (a sampled step builds two histograms per record).
     hist = object.__new__(Histogram)
-    fields = (tuple(edges), tuple(np.asarray(counts, dtype=np.float64).reshape(-1).tolist()),
+    values = (tuple(edges), tuple(np.asarray(counts, dtype=np.float64).reshape(-1).tolist()),
               float(vmin), float(vmax), float(num), float(total), float(sumsq))
-    for name, value in zip(_HISTOGRAM_FIELDS, fields):
+    for name, value in zip(_HISTOGRAM_FIELDS, values):
         object.__setattr__(hist, name, value)
     return hist
 

@@ -20,6 +20,7 @@ elements in ``nonfinite``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -248,7 +249,7 @@ class RowStore:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
-        if _kernel_reads(x) and x.dim() and (maxima is None or (
+        if _kernel_reads(x) and x.dim() and (maxima is None or (  # maxima: a vector this store made
                 maxima.dtype is torch.float32 and maxima.is_cpu and maxima.is_contiguous())):
             # The common case first: a contiguous tensor is [outer, units, inner] in memory.
             shape, n = x.shape, x.numel()
@@ -287,6 +288,7 @@ class RowStore:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
             self._native_address = self._native.data_ptr()
         address = self._native_address + len(rows) * _ROW_BYTES
+        row = len(self._numels)  # before the kernel, which lets other threads run (and add rows)
         rows.append(None)
         self._numels.append(n)
         if saturation is None:
@@ -296,7 +298,7 @@ class RowStore:
             low, high = saturation
             native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, True,
                                    (low + high) / 2, (high - low) / 2 - eps, *units)
-        return len(self._numels) - 1
+        return row
 
     def _native_row(self, n: int) -> tuple[int, int]:
         """Reserve the next row of the open native block for a kernel: its number and address."""
@@ -413,14 +415,17 @@ class RowStore:
 
     def kernel_rows_only(self) -> bool:
         """True when every row so far was written by a kernel (float64 on the CPU, in one
-        block): :meth:`collect` then returns a view, which ``.numpy()`` reads in place."""
+        block): :meth:`collect` then returns a view of that block."""
         return not self._blocks and all(row is None for row in self._rows)
 
     def collect(self, device: torch.device) -> torch.Tensor:
-        """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order."""
+        """Every row so far as one float64 ``[rows, RAW_WIDTH]`` matrix on ``device``, in row order
+        (a view of the rows when they are one block there already: read it before adding rows)."""
         blocks = self._blocks + ([self._open_block()] if self._rows else [])
         if not blocks:
             return torch.zeros(0, RAW_WIDTH, dtype=torch.float64, device=device)
+        if len(blocks) == 1 and blocks[0].device == device:  # blocks are float64
+            return blocks[0]
         return join(blocks, device)
 
 
@@ -464,7 +469,7 @@ def finalize(raw: Any, numels: Any, xp: Any = torch) -> Any:
     ``xp`` is the array library of ``raw`` and ``numels``: ``torch`` (tensors), or ``numpy``
     for rows already on the host (the same operations, in the same order).
     """
-    with np.errstate(all="ignore"):  # rows that held NaN or Inf are expected (numpy would warn)
+    with np.errstate(all="ignore") if xp is np else contextlib.nullcontext():  # NaN/Inf rows are expected
         c, k = raw[:, R_SHIFT], raw[:, R_SCALE]
         welford = k < 0
         low, high = raw[:, R_MIN], raw[:, R_MAX]
@@ -497,7 +502,7 @@ def finalize_store(store: RowStore, device: torch.device, *indices: list[int]) -
     """Every row of ``store`` finalized on ``device`` (:func:`finalize`), and each list of Python
     integers in ``indices`` (row numbers, owners) as int64 there: all of them reach the device
     with the element counts in one copy that does not wait for it (:func:`to_device`). On the
-    host (:func:`merges_on_host`) numpy arrays, the rows read in place where the kernels wrote them."""
+    host (:func:`merges_on_host`), numpy arrays."""
     if merges_on_host(device):
         numels = np.asarray(store.numels(), dtype=np.float64)
         final = finalize(store.collect(device).numpy(), numels, np)

@@ -360,7 +360,7 @@ def _without_empty_runs(limits: list[float], counts: list[float]) -> tuple[list[
     The same histogram, fewer bytes: a bucket spans from the previous limit to
     its own, so a merged empty bucket covers exactly the empty range.
     """
-    if all(counts):  # nothing to merge (a histogram's usual case is a few empty bins at its ends)
+    if all(counts):  # no empty bucket: nothing to merge
         return limits, counts
     # bucket i is kept unless it and the next one are both empty (a run keeps its last)
     kept = [i for i, (count, after) in enumerate(zip(counts, counts[1:] + [1.0])) if count or after]

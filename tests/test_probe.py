@@ -183,6 +183,45 @@ def test_an_output_no_gradient_reaches_has_no_gradient_statistics():
     assert by_name["halves"].act.numel == 10 and by_name["lstm"].act.numel == 15
 
 
+def test_a_gradient_captured_by_autograd_grad_at_an_output_is_recorded():
+    # torch.autograd.grad(loss, [activation]) (saliency, Grad-CAM) stops at that output:
+    # the node that produced it never runs, yet its record still gets the gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    x = torch.randn(6, 3)
+    with Recorder(model) as recorder:
+        hidden = model[0](x)
+        out = model[1](hidden)
+        (captured,) = torch.autograd.grad((out * 2).sum(), [hidden])
+    by_name = {s.name: s for s in collect(recorder)}
+    assert by_name["0"].grad is not None
+    assert by_name["0"].grad.mean == pytest.approx(captured.double().mean().item(), rel=1e-6)
+    assert by_name["0"].grad.rms == pytest.approx(captured.double().square().mean().sqrt().item(), rel=1e-6)
+
+
+class _ReturnsItsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table  # a leaf tensor: a gradient hook on it would outlive the step
+
+
+def test_a_parameter_returned_as_output_carries_no_hook_of_ours_after_the_step():
+    model = nn.Sequential(_ReturnsItsParameter())
+    table = model[0].table
+    recorder = Recorder(model)
+    with recorder:
+        for _ in range(3):
+            recorder.reset()
+            model(torch.zeros(1)).square().sum().backward()
+            assert len(table._backward_hooks) == 1  # this step's, the earlier ones removed
+        (summary,) = collect(recorder)
+        assert summary.grad.mean == pytest.approx(2 * table.detach().double().mean().item(), rel=1e-6)
+    assert not table._backward_hooks
+
+
 def test_a_gradient_of_one_output_of_a_two_output_node():
     class FirstHalfUsed(nn.Module):
         def __init__(self) -> None:

@@ -523,3 +523,30 @@ def test_summaries_of_several_rows_at_once_match_each_row_alone():
     assert (grads[1].mean, grads[1].rms, grads[1].std) == (0.5, math.sqrt(1.5), math.sqrt(1.25))
     assert math.isnan(grads[2].rms) and grads[2].nonfinite == 1
 
+
+
+@pytest.mark.parametrize("path", ["kernels", "shifted", "welford"])
+def test_finalize_in_numpy_equals_finalize_in_torch(monkeypatch, path):
+    # The host merge (numpy) and the device merge (PyTorch) take the same rows to the same
+    # figures, bit for bit: kernel, shifted and Welford rows (with and without extremes), with
+    # zeros, NaN, +Inf and -Inf, a constant and an empty-looking all-zero tensor.
+    monkeypatch.setattr(native, "enabled", path == "kernels")
+    monkeypatch.setattr(stats, "welford_on_cpu", path == "welford")
+    gen = torch.Generator().manual_seed(4)
+    specials = torch.randn(3000, generator=gen) * 5 + 2
+    specials[[0, 10, 2999]] = torch.tensor([math.inf, math.nan, -math.inf])
+    tensors = [torch.randn(700, generator=gen), specials, torch.full((64,), math.inf), torch.zeros(300),
+               torch.full((33,), -2.5), torch.sigmoid(torch.randn(900, generator=gen))]
+    store = stats.RowStore()
+    for x in tensors:
+        store.reduce(x, zeros=True)
+        store.reduce(x, extremes=False)
+        store.reduce(x, zeros=True, saturation=(0.0, 1.0), eps=0.01)
+        store.moments(x)
+    raw = store.collect(torch.device("cpu"))
+    numels = torch.tensor(store.numels(), dtype=torch.float64)
+    on_device = stats.finalize(raw, numels).numpy()
+    on_host = stats.finalize(raw.numpy(), numels.numpy(), np)
+    assert on_host.dtype == np.float64 and on_host.shape == on_device.shape
+    assert np.array_equal(on_host, on_device, equal_nan=True)
+    assert np.isnan(on_host).any() and np.isinf(on_host).any()  # the cases above reached the figures

@@ -20,9 +20,10 @@ def _figures_of(part: torch.Tensor) -> tuple[float, float]:
 def test_figures_of_a_conv_an_lstm_and_a_shifted_linear():
     torch.manual_seed(0)
     conv, lstm, linear = nn.Conv2d(3, 8, 3), nn.LSTM(4, 6), nn.Linear(5, 7)
+    conv.to(memory_format=torch.channels_last)  # a dense weight in another order
+    assert not conv.weight.is_contiguous()
     with torch.no_grad():
         linear.weight.add_(1000.0)  # a large mean over a small spread: the shift keeps the std
-        conv.weight.copy_(conv.weight.contiguous(memory_format=torch.channels_last))
     modules = [conv, lstm, linear]
     vector, decode = weight_figures(modules)
     figures = decode(vector.numpy())
