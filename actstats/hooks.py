@@ -625,16 +625,16 @@ class Recorder:
         final, (act_rows_i, act_owner_i, in_rows_i, in_owner_i, grad_rows_i, grad_owner_i, root_rows_i) = \
             stats.finalize_store(self.store, device, act_rows, act_owner, in_rows, in_owner, grad_rows, grad_owner,
                                  self._root_rows)
-        act = final[act_rows_i]
+        act = stats.take_rows(final, act_rows_i)
         act_sums = cat([
             stats.sum_by_owner(act, act_owner_i, n_rec, _ROW_ACT),
-            stats.sum_by_owner(final[in_rows_i], in_owner_i, n_rec, _ROW_INPUT),
+            stats.sum_by_owner(stats.take_rows(final, in_rows_i), in_owner_i, n_rec, _ROW_INPUT),
         ], 1)
         act_high, act_low = stats.extremes_by_owner(act, act_owner_i, n_rec)
-        grad = final[grad_rows_i]
+        grad = stats.take_rows(final, grad_rows_i)
         grad_sums = stats.sum_by_owner(grad, grad_owner_i, n_rec, _ROW_GRAD)
         grad_high, grad_low = stats.extremes_by_owner(grad, grad_owner_i, n_rec)
-        inputs = stats.select_columns(final[root_rows_i], _ROW_ROOT).sum(0)
+        inputs = stats.select_columns(stats.take_rows(final, root_rows_i), _ROW_ROOT).sum(0)
         sums = [inputs, act_sums.reshape(-1), grad_sums.reshape(-1)]
         maxes = [xp.stack([act_high, -act_low, grad_high, -grad_low], 1).reshape(-1)]
         # Per-record extras, tensors on the device: alive-unit masks and histograms.

@@ -512,6 +512,12 @@ def finalize_store(store: RowStore, device: torch.device, *indices: list[int]) -
     return finalize(store.collect(device), numels.double()), tensors
 
 
+def take_rows(rows: Any, index: Any) -> Any:
+    """``rows[index]`` for an int64 index: ``index_select`` on a tensor (an index tensor on the
+    device, no synchronisation), fancy indexing on a numpy array."""
+    return rows[index] if isinstance(rows, np.ndarray) else rows.index_select(0, index)
+
+
 def select_columns(rows: Any, columns: list[int]) -> Any:
     """``rows[:, columns]`` without copying the list to the device (which synchronises on CUDA)."""
     if isinstance(rows, np.ndarray):

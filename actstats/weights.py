@@ -9,6 +9,7 @@ the ``weight`` block (SPEC 5).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -165,7 +166,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
 
 def _std_rms(n: Any, total: Any, sumsq: Any, xp: Any) -> tuple[Any, Any]:
     """Population std and rms from counts, sums and sums of squares (``xp``: torch or numpy)."""
-    with np.errstate(all="ignore"):  # NaN or Inf weights give NaN figures, as on the device
+    with np.errstate(all="ignore") if xp is np else contextlib.nullcontext():  # NaN/Inf weights: NaN figures
         mean, mean_square = total / n, sumsq / n
         variance = mean_square - mean * mean
         variance = variance.clamp_min(0.0) if xp is torch else np.maximum(variance, 0.0)  # NaN stays NaN
