@@ -21,6 +21,7 @@ elements in ``nonfinite``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -620,10 +621,17 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     Counts come back in the positions' dtype for one chunk and in float64 once
     chunks or calls are added together.
     """
+    host_bounds = isinstance(bounds, tuple)
+    if host_bounds and _kernel_reads(x) and x.numel() and (counts is None or _float64_cpu(counts)):
+        # The common case first (a range hint, a plain float32 tensor): no detached copy, and the
+        # bounds tensor the kernel reads made once per range.
+        counts = torch.zeros(bins, dtype=torch.float64) if counts is None else counts
+        native.kernels.histogram(x.data_ptr(), x.numel(), _host_bounds(bounds).data_ptr(), bins,  # type: ignore[arg-type]
+                                 counts.data_ptr(), torch.get_num_threads())
+        return counts
     xf = as_float(x)
     if counts is None and not xf.numel():  # every record gets its bins: vectors match across processes
         return torch.zeros(bins, dtype=torch.float64, device=xf.device)
-    host_bounds = isinstance(bounds, tuple)
     if native.dense_float32_cpu(xf) and (counts is None or _float64_cpu(counts)) \
             and (host_bounds or _float64_cpu(bounds)):  # type: ignore[arg-type]
         if not xf.numel():
@@ -644,6 +652,12 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
         found = _bin_counts(position, bins)
         counts = found if counts is None else counts.to(torch.float64).add_(found)
     return counts
+
+
+@functools.lru_cache(maxsize=1 << 12)  # a record's range hint stays the same for a whole step
+def _host_bounds(bounds: tuple[float, float]) -> torch.Tensor:
+    """``bounds`` as the float64 CPU tensor the histogram kernel reads (never written)."""
+    return torch.tensor(bounds, dtype=torch.float64)
 
 
 def _bin_counts(position: torch.Tensor, bins: int) -> torch.Tensor:
