@@ -274,7 +274,6 @@ class Recorder:
         self._mode_off = False  # the mode is off the stack while a leaf runs
         #: the root's modules by name, as of the latest look for new ones
         self.modules: dict[str, nn.Module] = {}
-        self._hooked_as: dict[str, nn.Module] = {}  # the walk that the hooks were last checked against
         self.active = False
         self.generation = -1  # counts resets: gradient hooks of an earlier generation do nothing
         self.reset(histogram_bins=histogram_bins, range_hints=range_hints)
@@ -325,11 +324,11 @@ class Recorder:
     def _hook_new_modules(self) -> None:
         """Hook every module of the root not hooked yet: all of them on :meth:`attach`; after a
         :meth:`reset`, the modules added to the model since (checked at its next forward)."""
-        modules = modules_by_name(self.root)
-        hooked = self._hooked_as
-        if len(modules) == len(hooked) and all(hooked.get(name) is module for name, module in modules.items()):
-            return  # the modules hooked, under the same names (a module that gained a child has a new name)
-        self.modules = self._hooked_as = modules
+        modules, hooked = modules_by_name(self.root), self.modules
+        if self._handles and len(modules) == len(hooked) \
+                and all(hooked.get(name) is module for name, module in modules.items()):
+            return  # hooks live on the same modules, under the same names (a new child is a new name)
+        self.modules = modules
         for name, module in modules.items():
             # Functional calls inside a leaf's own implementation belong to that leaf,
             # except in the root, whose forward is the model's own code.
@@ -356,7 +355,6 @@ class Recorder:
         self._handles.clear()
         self._remove_leaf_hooks()
         self._hooked = weakref.WeakSet()
-        self._hooked_as = {}
         self.stack.clear()
         self._exit_mode()
 
@@ -688,6 +686,7 @@ class Recorder:
         rows[:, stats.A_MAX] = np.where(ordered, act_high, math.nan)
         acts = stats.summarize_activation_rows(rows)
         grads = stats.summarize_gradient_rows(grad_sums)
+        # numpy arrays on the host (after the step's one transfer), read as Python floats
         rows_host, grad_host, extremes_host = rows.tolist(), grad_sums.tolist(), extremes.tolist()
         out: list[RecordSummary] = []
         for r, s in enumerate(states):

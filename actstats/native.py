@@ -58,5 +58,8 @@ def _permuted_dense(x: torch.Tensor) -> bool:
 
 
 def row_major_float32_cpu(x: torch.Tensor) -> bool:
-    """True when a kernel may read ``x`` in its logical (row-major) order."""
-    return _plain_float32_cpu(x) and x.is_contiguous()
+    """True when a kernel may read ``x`` in its logical (row-major) order: a contiguous
+    :func:`_plain_float32_cpu` tensor. Written out in one expression: the hooks ask it of
+    every tensor they reduce."""
+    return enabled and type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu \
+        and x.layout is torch.strided and not x.is_neg() and x.is_contiguous()

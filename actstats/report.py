@@ -49,8 +49,7 @@ class Histogram:
     sum_squares: float
 
     def __post_init__(self) -> None:
-        edges = np.asarray(self.edges, dtype=np.float64).reshape(-1).tolist()
-        counts = np.asarray(self.counts, dtype=np.float64).reshape(-1).tolist()
+        edges, counts = _floats(self.edges), _floats(self.counts)
         if not counts or len(edges) != len(counts) + 1:
             raise ValueError(
                 f"a histogram needs at least one bin and len(edges) == len(counts) + 1; "
@@ -62,8 +61,8 @@ class Histogram:
                 f"histogram edges must be finite and strictly increasing; got {edges} "
                 f"(for constant data widen the range, e.g. [v - 1, v + 1])"
             )
-        object.__setattr__(self, "edges", tuple(edges))
-        object.__setattr__(self, "counts", tuple(counts))
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "counts", counts)
         for name in ("min", "max", "num", "sum", "sum_squares"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -84,7 +83,16 @@ class Histogram:
         return list(self.edges[1:])
 
 
-_HISTOGRAM_FIELDS = tuple(f.name for f in fields(Histogram))
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    """``values`` (a list, tuple, numpy array or CPU tensor, nested or not) flattened into a tuple of
+    floats; a flat list or tuple of numbers without numpy's per-call cost (a report builds two
+    histograms per record)."""
+    if type(values) in (list, tuple):
+        try:
+            return tuple(map(float, values))
+        except TypeError:  # nested: numpy flattens it
+            pass
+    return tuple(np.asarray(values, dtype=np.float64).reshape(-1).tolist())
 
 
 def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float, vmax: float,
@@ -97,16 +105,10 @@ def make_histogram(counts: Sequence[float], low: float, high: float, vmin: float
         return None
     step = (high - low) / bins
     edges = [low + i * step for i in range(bins)] + [high]  # as np.linspace(low, high, bins + 1)
-    if not all(map(operator.lt, edges, edges[1:])):  # a range narrower than the float spacing
+    try:
+        return Histogram(edges, counts, vmin, vmax, num, total, sumsq)
+    except ValueError:  # edges not strictly increasing: a range narrower than the float spacing
         return None
-    # Finite, strictly increasing edges, one more than the counts: what Histogram's checks and
-    # conversions would establish, skipped (a sampled step builds two histograms per record).
-    hist = object.__new__(Histogram)
-    values = (tuple(edges), tuple(np.asarray(counts, dtype=np.float64).reshape(-1).tolist()),
-              float(vmin), float(vmax), float(num), float(total), float(sumsq))
-    for name, value in zip(_HISTOGRAM_FIELDS, values):
-        object.__setattr__(hist, name, value)
-    return hist
 
 
 @dataclass(frozen=True)

@@ -64,14 +64,6 @@ MARK64 = 2.0 ** 200
 _ROW_BYTES = RAW_WIDTH * 8  # one float64 raw row
 
 
-def _kernel_reads(x: torch.Tensor) -> bool:
-    """True when the kernel may read ``x`` in place, in its logical order: a plain float32
-    contiguous CPU tensor (no subclass, no lazy negation bit), with the kernels on. The
-    same test as :func:`native.row_major_float32_cpu`, written out for the hooks' hot path."""
-    return native.enabled and type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu \
-        and x.layout is torch.strided and not x.is_neg() and x.is_contiguous()
-
-
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` in float32 or wider: statistics never accumulate in fp16/bf16."""
     x = x.detach()
@@ -233,7 +225,7 @@ class RowStore:
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
-        if _kernel_reads(x):  # the common case first, without a detached copy of ``x``
+        if native.row_major_float32_cpu(x):  # the common case first, without a detached copy of ``x``
             n = x.numel()
             return [self._kernel_row(x, n, zeros, saturation, eps)] if n else []
         return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
@@ -250,21 +242,11 @@ class RowStore:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
-        if _kernel_reads(x) and x.dim() and (maxima is None or (  # maxima: a vector this store made
-                maxima.dtype is torch.float32 and maxima.is_cpu and maxima.is_contiguous())):
-            # The common case first: a contiguous tensor is [outer, units, inner] in memory.
-            shape, n = x.shape, x.numel()
-            dim = unit_dim % len(shape)
-            units = shape[dim]
-            if n and (maxima is None or maxima.shape[0] == units):
-                inner = math.prod(shape[dim + 1:])
-                out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
-                layout = (out.data_ptr(), n // (units * inner), units, inner, maxima is not None)
-                return [self._kernel_row(x, n, zeros, saturation, eps, layout)], out
-        xf = as_float(x)
+        row_major = native.row_major_float32_cpu(x)
+        xf = x if row_major else as_float(x)  # no detached copy in the common case
         view = xf.reshape(1) if xf.dim() == 0 else xf
         dim = unit_dim % view.dim()
-        layout = _unit_layout(view, dim)
+        layout = _unit_layout(view, dim, row_major)
         units = view.shape[dim]
         if layout is not None and (maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))):
             out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
@@ -275,23 +257,9 @@ class RowStore:
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
                     eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
-        """Reserve the next row of the open native block, have the kernel write ``x``'s moments
-        there, and return the row's number (the hooks' hot path: one Python frame).
-
-        The row is noted before the kernel writes it (a kernel runs without the interpreter
-        lock); the block is stacked only when a later row needs room.
-        """
-        rows = self._rows
-        if len(rows) == self.BLOCK:
-            self._close_full_block()
-            rows = self._rows
-        if self._native is None:
-            self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
-            self._native_address = self._native.data_ptr()
-        address = self._native_address + len(rows) * _ROW_BYTES
-        row = len(self._numels)  # before the kernel, which lets other threads run (and add rows)
-        rows.append(None)
-        self._numels.append(n)
+        """Have the kernel write ``x``'s moments (``n`` float32 values read in place) into the next
+        row of the open native block (:meth:`_native_row`); return the row's number."""
+        row, address = self._native_row(n)
         if saturation is None:
             native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, False, 0.0, 0.0,
                                    *units)
@@ -302,13 +270,16 @@ class RowStore:
         return row
 
     def _native_row(self, n: int) -> tuple[int, int]:
-        """Reserve the next row of the open native block for a kernel: its number and address."""
+        """Reserve the next row of the open native block for a kernel: its number and address
+        (both taken before the kernel runs, which lets other threads run and add rows)."""
         self._close_full_block()
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
             self._native_address = self._native.data_ptr()
         address = self._native_address + len(self._rows) * _ROW_BYTES
-        return self._append(None, n), address
+        self._rows.append(None)
+        self._numels.append(n)
+        return len(self._numels) - 1, address
 
     def _reduce(self, flat: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None, eps: float,
                 extremes: bool = True) -> int:
@@ -375,7 +346,7 @@ class RowStore:
         With PyTorch operations, off the CPU a Welford row of a float64 copy (two device
         operations); on the CPU shifted by the first value and not scaled (weights are
         finite and far from float32 overflow)."""
-        xf = x if _kernel_reads(x) else as_float(x)  # no detached copy in the common case
+        xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
         if xf is x or native.dense_float32_cpu(xf):
             n = xf.numel()
             if not n:
@@ -575,12 +546,13 @@ def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: i
     return maxima if current is None else torch.fmax(current, maxima, out=current)
 
 
-def _unit_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
-    """``(outer, units, inner)`` when the kernel can read ``x`` as ``[outer, units, inner]``."""
-    if x.numel() == 0 or not native.dense_float32_cpu(x):
+def _unit_layout(x: torch.Tensor, dim: int, row_major: bool = False) -> tuple[int, int, int] | None:
+    """``(outer, units, inner)`` when the kernel can read ``x`` as ``[outer, units, inner]``
+    (``row_major``: :func:`native.row_major_float32_cpu` already holds for ``x``)."""
+    if x.numel() == 0 or not (row_major or native.dense_float32_cpu(x)):
         return None
     shape = x.shape
-    if x.is_contiguous():
+    if row_major or x.is_contiguous():
         return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
     if dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return x.numel() // shape[1], shape[1], 1  # [N, C, H, W] lies in memory as [N, H, W, C]
@@ -622,22 +594,15 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     chunks or calls are added together.
     """
     host_bounds = isinstance(bounds, tuple)
-    if host_bounds and _kernel_reads(x) and x.numel() and (counts is None or _float64_cpu(counts)):
-        # The common case first (a range hint, a plain float32 tensor): no detached copy, and the
-        # bounds tensor the kernel reads made once per range.
-        counts = torch.zeros(bins, dtype=torch.float64) if counts is None else counts
-        native.kernels.histogram(x.data_ptr(), x.numel(), _host_bounds(bounds).data_ptr(), bins,  # type: ignore[arg-type]
-                                 counts.data_ptr(), torch.get_num_threads())
-        return counts
-    xf = as_float(x)
+    xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
     if counts is None and not xf.numel():  # every record gets its bins: vectors match across processes
         return torch.zeros(bins, dtype=torch.float64, device=xf.device)
-    if native.dense_float32_cpu(xf) and (counts is None or _float64_cpu(counts)) \
+    if (xf is x or native.dense_float32_cpu(xf)) and (counts is None or _float64_cpu(counts)) \
             and (host_bounds or _float64_cpu(bounds)):  # type: ignore[arg-type]
         if not xf.numel():
             return counts
         counts = torch.zeros(bins, dtype=torch.float64) if counts is None else counts
-        edges = torch.tensor(bounds, dtype=torch.float64) if host_bounds else bounds
+        edges = _host_bounds(bounds) if host_bounds else bounds  # type: ignore[arg-type]
         native.kernels.histogram(xf.data_ptr(), xf.numel(), edges.data_ptr(), bins, counts.data_ptr(),
                                  torch.get_num_threads())
         return counts
@@ -780,7 +745,7 @@ def summarize_activation_rows(rows: np.ndarray) -> list[tuple[ActStats, float, i
     return [
         (ActStats(mean=m, std=sd, rms=r, min=lo, max=hi, zero_frac=z, numel=int(k), nonfinite=int(bad)),
          i_rms, int(i_n), sat)
-        for m, sd, r, lo, hi, z, k, bad, i_rms, i_n, sat in zip(*(c.tolist() for c in columns))
+        for m, sd, r, lo, hi, z, k, bad, i_rms, i_n, sat in zip(*(c.tolist() for c in columns))  # numpy, host
     ]
 
 
@@ -792,5 +757,5 @@ def summarize_gradient_rows(rows: np.ndarray) -> list[GradStats]:
     mean, std, rms = _moment_columns(rows[:, G_N], rows[:, G_SUM], rows[:, G_SUMSQ])
     dirty = nonfinite != 0
     columns = [np.where(dirty, math.nan, c) for c in (mean, std, rms)] + [nonfinite]
-    return [GradStats(m, sd, r, int(bad)) for m, sd, r, bad in zip(*(c.tolist() for c in columns))]
+    return [GradStats(m, sd, r, int(bad)) for m, sd, r, bad in zip(*(c.tolist() for c in columns))]  # numpy, host
 
