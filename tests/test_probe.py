@@ -222,6 +222,35 @@ def test_a_parameter_returned_as_output_carries_no_hook_of_ours_after_the_step()
     assert not table._backward_hooks
 
 
+def test_gradient_hooks_share_an_output_with_the_users_in_registration_order():
+    # Our hook goes into the output's hook dict as Tensor.register_hook puts it there: a hook
+    # the user adds afterwards runs after ours (record "0" sees the gradient before it is
+    # scaled), one added before runs first ("1", the same tensor through nn.Identity, sees it
+    # scaled); the user's handle still removes the user's hook, and no one else's.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity())
+    x = torch.randn(5, 3)
+    handles = []
+
+    def scale_by_ten(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        handles.append(out.register_hook(lambda g: g * 10))
+
+    with Recorder(model) as recorder:
+        user = model[0].register_forward_hook(scale_by_ten)  # runs after the recorder's own
+        try:
+            hidden = model(x)
+            (hidden * 3).sum().backward()
+            hooks_on_output = list(hidden._backward_hooks.values())
+            handles[0].remove()
+            left = list(hidden._backward_hooks.values())
+        finally:
+            user.remove()
+    assert len(hooks_on_output) == 3 and len(left) == 2 and hooks_on_output[1] not in left
+    by_name = {s.name: s for s in collect(recorder)}
+    assert by_name["0"].grad.mean == 3.0 and by_name["0"].grad.std == 0.0
+    assert by_name["1"].grad.mean == 30.0 and by_name["1"].grad.std == 0.0
+    assert by_name["0"].grad.rms == 3.0 and by_name["1"].grad.rms == 30.0
+
+
 def test_a_gradient_of_one_output_of_a_two_output_node():
     class FirstHalfUsed(nn.Module):
         def __init__(self) -> None:
