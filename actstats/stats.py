@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,10 @@ class RowStore:
         self._native: torch.Tensor | None = None  # [BLOCK, RAW_WIDTH] float64 on the CPU, kernels' rows
         self._native_address = 0  # its data_ptr()
         self._numels: list[int] = []
+        # Held while a row is reserved and written: autograd runs a CUDA tensor's gradient hooks on
+        # the device's thread and a CPU tensor's on the caller's, and the kernels let other threads
+        # run while they read (a block must not be closed, nor a row given twice, meanwhile).
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._numels)
@@ -225,10 +230,11 @@ class RowStore:
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
-        if native.row_major_float32_cpu(x):  # the common case first, without a detached copy of ``x``
-            n = x.numel()
-            return [self._kernel_row(x, n, zeros, saturation, eps)] if n else []
-        return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
+        with self._lock:
+            if native.row_major_float32_cpu(x):  # the common case first, without a detached copy of ``x``
+                n = x.numel()
+                return [self._kernel_row(x, n, zeros, saturation, eps)] if n else []
+            return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
 
     def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
                       eps: float, extremes: bool = True) -> list[int]:
@@ -242,18 +248,20 @@ class RowStore:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
-        row_major = native.row_major_float32_cpu(x)
-        xf = x if row_major else as_float(x)  # no detached copy in the common case
-        view = xf.reshape(1) if xf.dim() == 0 else xf
-        dim = unit_dim % view.dim()
-        layout = _unit_layout(view, dim, row_major)
-        units = view.shape[dim]
-        if layout is not None and (maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))):
-            out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
-            arguments = (out.data_ptr(), *layout, maxima is not None)
-            row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments)
-            return [row], out
-        return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
+        with self._lock:
+            row_major = native.row_major_float32_cpu(x)
+            xf = x if row_major else as_float(x)  # no detached copy in the common case
+            view = xf.reshape(1) if xf.dim() == 0 else xf
+            dim = unit_dim % view.dim()
+            layout = _unit_layout(view, dim, row_major)
+            units = view.shape[dim]
+            readable = maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))
+            if layout is not None and readable:
+                out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
+                arguments = (out.data_ptr(), *layout, maxima is not None)
+                row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments)
+                return [row], out
+            return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
                     eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
@@ -271,7 +279,7 @@ class RowStore:
 
     def _native_row(self, n: int) -> tuple[int, int]:
         """Reserve the next row of the open native block for a kernel: its number and address
-        (both taken before the kernel runs, which lets other threads run and add rows)."""
+        (the caller holds the store's lock until the kernel has written it)."""
         self._close_full_block()
         if self._native is None:
             self._native = torch.empty(self.BLOCK, RAW_WIDTH, dtype=torch.float64)
@@ -346,28 +354,30 @@ class RowStore:
         With PyTorch operations, off the CPU a Welford row of a float64 copy (two device
         operations); on the CPU shifted by the first value and not scaled (weights are
         finite and far from float32 overflow)."""
-        xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
-        if xf is x or native.dense_float32_cpu(xf):
-            n = xf.numel()
-            if not n:
-                return []
-            row, address = self._native_row(n)
-            native.kernels.sums(xf.data_ptr(), n, address, torch.get_num_threads())
-            return [row]
-        numbers = []
-        for part in chunks(xf):
-            n, device = part.numel(), part.device
-            zero = constant(0.0, device, part.dtype)
-            if _welford(part):
-                squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
-                row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
-                       constant(n, device, torch.int64), zero)
-            else:
-                shift = part[0]
-                buf = torch.sub(part, shift, out=scratch(part, n))
-                row = (shift, constant(1.0, device, part.dtype), buf.sum(), torch.dot(buf, buf), zero, zero, zero, zero)
-            numbers.append(self._append(row, n))
-        return numbers
+        with self._lock:
+            xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
+            if xf is x or native.dense_float32_cpu(xf):
+                n = xf.numel()
+                if not n:
+                    return []
+                row, address = self._native_row(n)
+                native.kernels.sums(xf.data_ptr(), n, address, torch.get_num_threads())
+                return [row]
+            numbers = []
+            for part in chunks(xf):
+                n, device = part.numel(), part.device
+                zero = constant(0.0, device, part.dtype)
+                if _welford(part):
+                    squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
+                    row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
+                           constant(n, device, torch.int64), zero)
+                else:
+                    shift = part[0]
+                    buf = torch.sub(part, shift, out=scratch(part, n))
+                    row = (shift, constant(1.0, device, part.dtype), buf.sum(), torch.dot(buf, buf),
+                           zero, zero, zero, zero)
+                numbers.append(self._append(row, n))
+            return numbers
 
     def extremes(self, rows: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` on ``device`` for no rows)."""

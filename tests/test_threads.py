@@ -98,3 +98,52 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread(two_threads):
         os._exit(0 if ok and torch.allclose(row, expected, rtol=1e-12, atol=0) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("round_", range(6))  # an unlocked store fails about two rounds in five
+def test_python_threads_reducing_into_one_store_lose_no_row(round_):
+    # Autograd runs a CPU tensor's gradient hooks on the thread that called backward and a
+    # CUDA tensor's on the device's own thread: a model split across both devices reduces
+    # into one store from two Python threads, and the kernels let go of the interpreter
+    # while they read. Kernel rows and PyTorch rows (strided views) are interleaved, through
+    # all three ways in, so that blocks close (every RowStore.BLOCK rows) while the other
+    # thread's kernel may be writing.
+    import threading
+
+    store = stats.RowStore()
+    generator = torch.Generator().manual_seed(round_)
+    dense = [torch.randn(64, 1024, generator=generator) + k for k in range(3)]
+    strided = [torch.randn(40, 2, generator=generator)[:, 0] - k for k in range(3)]
+    ways = [
+        lambda x: store.reduce(x, zeros=True),
+        lambda x: store.reduce_units(x, None, 0, zeros=True)[0],
+        store.moments,  # weights: sums only
+    ]
+    written: list[tuple[int, torch.Tensor, int]] = []
+    start = threading.Barrier(2)
+
+    def reduce_many(tensors: list[torch.Tensor]) -> None:
+        start.wait()
+        for i in range(600):
+            x, way = tensors[i % len(tensors)], i % len(ways)
+            written.extend((row, x, way) for row in ways[way](x))
+
+    threads = [threading.Thread(target=reduce_many, args=(dense,)),
+               threading.Thread(target=reduce_many, args=(dense[:1] + strided,))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the interpreter also changes threads between Python lines
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(store) == len(written) == 1200 and sorted(row for row, _, _ in written) == list(range(1200))
+    final = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
+    for row, x, way in written:
+        assert final[row, stats.F_N] == x.numel()
+        # float32 sums on the PyTorch path
+        assert final[row, stats.F_SUM].item() == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-5)
+        if way != 2:  # not store.moments
+            assert (final[row, stats.F_MIN], final[row, stats.F_MAX]) == (x.min().double(), x.max().double())
