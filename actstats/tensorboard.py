@@ -25,7 +25,9 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 import os
 import struct
 import weakref
@@ -362,9 +364,10 @@ def _without_empty_runs(limits: list[float], counts: list[float]) -> tuple[list[
     """
     if all(counts):  # no empty bucket: nothing to merge
         return limits, counts
-    # bucket i is kept unless it and the next one are both empty (a run keeps its last)
-    kept = [i for i, (count, after) in enumerate(zip(counts, counts[1:] + [1.0])) if count or after]
-    return [limits[i] for i in kept], [counts[i] for i in kept]
+    # bucket i is kept unless it and the next one are both empty (a run keeps its last); counts
+    # are whole numbers >= 0, so a sum is zero exactly when both are
+    kept = list(map(operator.add, counts, counts[1:] + [1.0]))
+    return list(itertools.compress(limits, kept)), list(itertools.compress(counts, kept))
 
 
 def flags_markdown(flags: Sequence[Flag]) -> str:
