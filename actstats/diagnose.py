@@ -96,7 +96,7 @@ class Thresholds:
         return cls(**{k: float(v) for k, v in values.items()})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Layer:
     """What diagnosis needs about one record."""
 
@@ -343,7 +343,7 @@ def _layer_flags(layers: Sequence[_Layer], weights: Sequence[WeightInfo | None],
         judged.add(id(module))
         fig = figures[module]
         if fig.symmetric:
-            w0 = theory.weight_parts(module)[0].tensor
+            w0 = (fig.sources or theory.weight_parts(module))[0].tensor
             units = w0.shape[1] if isinstance(module, nn.Embedding) else w0.shape[unit_dim(module)]
             value = fig.first
             flags.append(Flag("symmetric", s.name,

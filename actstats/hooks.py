@@ -174,9 +174,9 @@ class RecordState:
     grad_range: torch.Tensor | tuple[float, float] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per record and step, and frozen fields cost a call each
 class RecordSummary:
-    """A record's merged statistics, on the host."""
+    """A record's merged statistics, on the host (read, never changed)."""
 
     name: str
     type: str
@@ -642,15 +642,19 @@ class Recorder:
         extra_sums: list[torch.Tensor] = []
         extra_maxes: list[torch.Tensor] = []
         maxima = [s.unit_max for s in states if s.unit_max is not None]
-        alive = iter((stats.join(maxima, device) > 0).double().split([m.numel() for m in maxima]) if maxima else ())
-        for s in states:
-            if s.unit_max is not None:
-                extra_maxes.append(next(alive))
-            for hist, edges in ((s.act_hist, s.act_range), (s.grad_hist, s.grad_range)):
-                if hist is not None:
-                    extra_sums.append(hist)
-                    if isinstance(edges, torch.Tensor):  # measured on the device; a hint stays on the host
-                        extra_maxes.append(edges)
+        alive = (stats.join(maxima, device) > 0).double() if maxima else None  # every record's, in order
+        if not self.bins:  # the masks are all the extras
+            extra_maxes += [alive] if alive is not None else []
+        else:  # each record's mask, then its histograms (and their ranges when measured)
+            masks = iter(alive.split([m.numel() for m in maxima]) if alive is not None else ())
+            for s in states:
+                if s.unit_max is not None:
+                    extra_maxes.append(next(masks))
+                for hist, edges in ((s.act_hist, s.act_range), (s.grad_hist, s.grad_range)):
+                    if hist is not None:
+                        extra_sums.append(hist)
+                        if isinstance(edges, torch.Tensor):  # measured on the device; a hint stays on the host
+                            extra_maxes.append(edges)
         if host:
             sums += [stats.join(extra_sums, device).numpy()] if extra_sums else []
             maxes += [stats.join(extra_maxes, device).numpy()] if extra_maxes else []
@@ -700,7 +704,7 @@ class Recorder:
                 alive = maxes[j:j + s.unit_max.numel()]
                 j += s.unit_max.numel()
                 if row[stats.A_N] > 0:  # no value seen (empty batches): no unit is known dead
-                    dead_frac = float((alive == 0).sum() / alive.size)
+                    dead_frac = (alive.size - np.count_nonzero(alive)) / alive.size  # masks hold 0 or 1
             act, input_rms, input_numel, saturated = acts[r]
             grad = grads[r] if s.grad_calls else None
             act_hist = grad_hist = None

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,11 +33,13 @@ class WeightFigures:
         parts: ``(std, rms)`` of each :func:`theory.weight_parts` part (population std).
         symmetric: every output unit has the same weights and the same bias.
         first: the first weight value (what a constant init filled in).
+        sources: the parts measured (views of the weights, for the step that measured them).
     """
 
     parts: tuple[tuple[float, float], ...]
     symmetric: bool
     first: float
+    sources: tuple[theory.WeightPart, ...] = field(default=(), compare=False, repr=False)
 
 
 def unit_dim(module: nn.Module) -> int:
@@ -111,7 +113,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
     owners: list[int] = []
     leads: list[torch.Tensor] = []  # each module's first part, whose first value is reported
     verdicts: list[torch.Tensor] = []
-    layout: list[tuple[nn.Module, int, bool | None]] = []  # module, parts, known verdict
+    layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = []  # module, parts, known verdict
     n_parts = 0
     with torch.no_grad():
         for module in modules:
@@ -123,10 +125,10 @@ def weight_figures(modules: Sequence[nn.Module], *,
                 n_parts += 1
             leads.append(parts[0].tensor)
             if module in known:
-                layout.append((module, len(parts), bool(known[module])))
+                layout.append((module, parts, bool(known[module])))
             else:
                 verdicts.append(_all_units_equal(module, parts))
-                layout.append((module, len(parts), None))
+                layout.append((module, parts, None))
     if not layout:
         return None, lambda host: {}
     device = leads[0].device
@@ -137,7 +139,7 @@ def weight_figures(modules: Sequence[nn.Module], *,
     std, rms = _std_rms(n, total, sumsq, xp)
     if on_host and len(store) == n_parts and store.kernel_rows_only():
         # One kernel row per part, whose shift is the part's first value: no operation per module.
-        lead_rows = np.cumsum([0] + [count for _, count, _ in layout[:-1]])  # each module's first part
+        lead_rows = np.cumsum([0] + [len(parts) for _, parts, _ in layout[:-1]])  # each module's first part
         firsts = store.collect(device).numpy()[lead_rows, stats.R_SHIFT]
     else:
         firsts = stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)
@@ -152,13 +154,13 @@ def weight_figures(modules: Sequence[nn.Module], *,
     def decode(host: Any) -> dict[nn.Module, WeightFigures]:
         out: dict[nn.Module, WeightFigures] = {}
         part, verdict = 0, 2 * n_parts + len(layout)
-        for m, (module, count, symmetric) in enumerate(layout):
-            figures = tuple((float(host[2 * k]), float(host[2 * k + 1])) for k in range(part, part + count))
-            part += count
+        for m, (module, parts, symmetric) in enumerate(layout):
+            figures = tuple((float(host[2 * k]), float(host[2 * k + 1])) for k in range(part, part + len(parts)))
+            part += len(parts)
             if symmetric is None:
                 symmetric = bool(host[verdict])
                 verdict += 1
-            out[module] = WeightFigures(figures, symmetric, float(host[2 * n_parts + m]))
+            out[module] = WeightFigures(figures, symmetric, float(host[2 * n_parts + m]), tuple(parts))
         return out
 
     return vector, decode
@@ -224,8 +226,8 @@ def weight_info(module: nn.Module | None, following: theory.Activation | None, s
     """
     if module is None or module not in figures:
         return None
-    measured_parts = figures[module].parts
-    parts = [_part_info(p, f, following) for p, f in zip(theory.weight_parts(module), measured_parts)]
+    fig = figures[module]
+    parts = [_part_info(p, f, following) for p, f in zip(fig.sources or theory.weight_parts(module), fig.parts)]
     main = parts[0]
     act, input_rms = summary.act.rms, summary.input_rms
     measured = act / input_rms if input_rms and math.isfinite(input_rms) and not isinstance(module, nn.Embedding) else None
