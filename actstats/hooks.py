@@ -704,7 +704,8 @@ class Recorder:
                 alive = maxes[j:j + s.unit_max.numel()]
                 j += s.unit_max.numel()
                 if row[stats.A_N] > 0:  # no value seen (empty batches): no unit is known dead
-                    dead_frac = (alive.size - np.count_nonzero(alive)) / alive.size  # masks hold 0 or 1
+                    # masks hold 0 or 1: the same quotient as (alive == 0).sum() / size, as a Python float
+                    dead_frac = (alive.size - int(np.count_nonzero(alive))) / alive.size if alive.size else math.nan
             act, input_rms, input_numel, saturated = acts[r]
             grad = grads[r] if s.grad_calls else None
             act_hist = grad_hist = None
@@ -738,8 +739,9 @@ def _hook_graph_output(y: torch.Tensor, hook: Callable[[torch.Tensor | None], No
 
     ``Tensor.register_hook`` puts the hook in the tensor's hook dict, which its
     ``grad_fn`` calls for that output; then it builds a ``RemovableHandle``,
-    which costs about seven times the rest (some 25 µs per output in a cnn
-    step, where the hooks run with the cache swept by the layers between them).
+    which costs about seven times the rest in a loop (7.4 against 0.9 µs) and
+    about 20 µs per output in a cnn step, where the hooks run with the cache
+    swept by the layers between them.
     Nobody removes a graph output's hook: it goes with the graph. So this does
     the first part only, as ``register_hook`` does it, keyed by the hook itself
     (the handles' keys are integers). Hooks run in the dict's order, so ours

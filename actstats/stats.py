@@ -207,6 +207,14 @@ class RowStore:
         # run while they read (a block must not be closed, nor a row given twice, meanwhile).
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy of a recorder or watch: a lock is not copied
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def __len__(self) -> int:
         return len(self._numels)
 
@@ -328,8 +336,8 @@ class RowStore:
         return len(self._numels) - 1
 
     def _close_full_block(self) -> None:
-        """Stack a full block of rows, when the next row needs room (a kernel may be writing the
-        last row of the open block until then)."""
+        """Stack a full block of rows, when the next row needs room (not before: the block's
+        last row may have just been reserved for a kernel)."""
         if len(self._rows) == self.BLOCK:
             self._blocks.append(self._open_block())
             self._rows, self._native = [], None
@@ -383,7 +391,8 @@ class RowStore:
         """``[min, max]`` over ``rows`` (float64, on their device; ``[nan, nan]`` on ``device`` for no rows)."""
         if not rows:
             return torch.full((2,), math.nan, dtype=torch.float64, device=device)
-        both = torch.stack([self._extremes(r) for r in rows])
+        with self._lock:  # a block may be closing on another thread
+            both = torch.stack([self._extremes(r) for r in rows])
         return torch.stack([both[:, 0].amin(), both[:, 1].amax()])
 
     def _extremes(self, r: int) -> torch.Tensor:

@@ -300,6 +300,7 @@ def test_dead_frac_is_one_when_bias_kills_every_unit():
 def test_dead_frac_is_one_half_when_half_the_units_are_forced_negative():
     report = actstats.probe(models.HalfDead(), torch.randn(32, 8), batches=2)
     assert report.layer("act").dead_frac == 0.5
+    assert type(report.layer("act").dead_frac) is float  # a Python float, not a numpy scalar
 
 
 def test_dead_units_are_channels_after_a_convolution():

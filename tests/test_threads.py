@@ -1,8 +1,10 @@
 """The kernels share a large tensor among PyTorch's own threads (actstats/_native.c, "Threads")."""
 
+import copy
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -100,50 +102,73 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread(two_threads):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-@pytest.mark.parametrize("round_", range(6))  # an unlocked store fails about two rounds in five
-def test_python_threads_reducing_into_one_store_lose_no_row(round_):
+def _reduce_from_two_threads(rounds: int) -> None:
+    """Two Python threads reduce into one store, ``rounds`` times; raises AssertionError on a
+    lost, doubled or wrong row (run in a child process by the test below)."""
+    import threading
+
+    torch.set_num_threads(1)
+    for round_ in range(rounds):
+        store = stats.RowStore()
+        generator = torch.Generator().manual_seed(round_)
+        dense = [torch.randn(64, 1024, generator=generator) + k for k in range(3)]
+        strided = [torch.randn(40, 2, generator=generator)[:, 0] - k for k in range(3)]
+        ways = [
+            lambda x: store.reduce(x, zeros=True),
+            lambda x: store.reduce_units(x, None, 0, zeros=True)[0],
+            store.moments,  # weights: sums only
+        ]
+        written: list[tuple[int, torch.Tensor, int]] = []
+        start = threading.Barrier(2)
+
+        def reduce_many(tensors: list[torch.Tensor]) -> None:
+            start.wait()
+            for i in range(1500):
+                x, way = tensors[i % len(tensors)], i % len(ways)
+                written.extend((row, x, way) for row in ways[way](x))
+
+        threads = [threading.Thread(target=reduce_many, args=(dense,)),
+                   threading.Thread(target=reduce_many, args=(dense[:1] + strided,))]
+        sys.setswitchinterval(1e-6)  # the interpreter also changes threads between Python lines
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sys.setswitchinterval(0.005)
+        assert len(store) == len(written) == 3000 and sorted(row for row, _, _ in written) == list(range(3000))
+        final = stats.finalize(store.collect(torch.device("cpu")),
+                               torch.tensor(store.numels(), dtype=torch.float64))
+        for row, x, way in written:
+            assert final[row, stats.F_N] == x.numel()
+            # float32 sums on the PyTorch path
+            assert final[row, stats.F_SUM].item() == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-5)
+            if way != 2:  # not store.moments
+                assert (final[row, stats.F_MIN], final[row, stats.F_MAX]) == (x.min().double(), x.max().double())
+
+
+def test_python_threads_reducing_into_one_store_lose_no_row():
     # Autograd runs a CPU tensor's gradient hooks on the thread that called backward and a
     # CUDA tensor's on the device's own thread: a model split across both devices reduces
     # into one store from two Python threads, and the kernels let go of the interpreter
     # while they read. Kernel rows and PyTorch rows (strided views) are interleaved, through
     # all three ways in, so that blocks close (every RowStore.BLOCK rows) while the other
-    # thread's kernel may be writing.
-    import threading
+    # thread's kernel may be writing. Without the store's lock, 4 of 6 runs of this test failed,
+    # some by crashing (a row written past its block): hence the child process.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run(
+        [sys.executable, "-c", "from tests.test_threads import _reduce_from_two_threads as run; run(8)"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
 
+
+def test_a_row_store_copies_with_a_lock_of_its_own():
     store = stats.RowStore()
-    generator = torch.Generator().manual_seed(round_)
-    dense = [torch.randn(64, 1024, generator=generator) + k for k in range(3)]
-    strided = [torch.randn(40, 2, generator=generator)[:, 0] - k for k in range(3)]
-    ways = [
-        lambda x: store.reduce(x, zeros=True),
-        lambda x: store.reduce_units(x, None, 0, zeros=True)[0],
-        store.moments,  # weights: sums only
-    ]
-    written: list[tuple[int, torch.Tensor, int]] = []
-    start = threading.Barrier(2)
-
-    def reduce_many(tensors: list[torch.Tensor]) -> None:
-        start.wait()
-        for i in range(600):
-            x, way = tensors[i % len(tensors)], i % len(ways)
-            written.extend((row, x, way) for row in ways[way](x))
-
-    threads = [threading.Thread(target=reduce_many, args=(dense,)),
-               threading.Thread(target=reduce_many, args=(dense[:1] + strided,))]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # the interpreter also changes threads between Python lines
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
-    assert len(store) == len(written) == 1200 and sorted(row for row, _, _ in written) == list(range(1200))
-    final = stats.finalize(store.collect(torch.device("cpu")), torch.tensor(store.numels(), dtype=torch.float64))
-    for row, x, way in written:
-        assert final[row, stats.F_N] == x.numel()
-        # float32 sums on the PyTorch path
-        assert final[row, stats.F_SUM].item() == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-5)
-        if way != 2:  # not store.moments
-            assert (final[row, stats.F_MIN], final[row, stats.F_MAX]) == (x.min().double(), x.max().double())
+    store.reduce(torch.randn(100, 10), zeros=True)
+    store.reduce(torch.randn(50, 2)[:, 0])
+    twin = copy.deepcopy(store)  # a deep copy of a recorder, or of a watch, copies its store
+    assert twin._lock is not store._lock and not twin._lock.locked()
+    device = torch.device("cpu")
+    assert torch.equal(twin.collect(device), store.collect(device)) and twin.numels() == store.numels()
+    twin.reduce(torch.ones(3))
+    assert len(twin) == 3 and len(store) == 2
