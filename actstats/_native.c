@@ -571,31 +571,35 @@ static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, 
     }
 }
 
+/* Interleaved int32 tallies per thread, so that equal neighbours (a ReLU output's zeros) do not
+ * wait on one another; histogram_piece's loop is unrolled for this many. */
+#define TALLIES 8
+
 typedef struct {
     const float *x;
     int64_t n;
     float low, per_unit;
     int64_t bins, region;
     double *counts; /* per thread, a region of `region` doubles (whole cache lines): its counts
-                     * (`bins` float64), then its tallies (8 * (bins + 1) int32) */
+                     * (`bins` float64), then its tallies (TALLIES * (bins + 1) int32) */
 } HistogramJob;
 
 /* Bin this thread's run of whole blocks into its own counts: bins + 1 slots (the last one takes
- * what is dropped), eight interleaved int32 tallies so that equal neighbours do not wait on one
- * another, emptied into the float64 counts every FLUSH values. */
+ * what is dropped), TALLIES interleaved tallies, emptied into the float64 counts every FLUSH
+ * values. */
 static void histogram_piece(void *data, int place, int team) {
     HistogramJob *job = data;
     int64_t bins = job->bins, slots = bins + 1, start, end;
     double *counts = job->counts + place * job->region;
     int32_t *tally = (int32_t *)(counts + bins);
     share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
-    int32_t index[BLOCK + 7];
+    int32_t index[BLOCK + TALLIES - 1];
     for (int64_t block = start; block < end; block++) {
         int64_t first = block * BLOCK, size = job->n - first < BLOCK ? job->n - first : BLOCK;
         bin_index_f32(job->x + first, size, job->low, job->per_unit, (int32_t)bins, index);
-        for (int k = 0; k < 7; k++)
+        for (int k = 0; k < TALLIES - 1; k++)
             index[size + k] = (int32_t)bins; /* padding: the dropped slot */
-        for (int64_t i = 0; i < size; i += 8) {
+        for (int64_t i = 0; i < size; i += TALLIES) {
             tally[index[i]]++;
             tally[slots + index[i + 1]]++;
             tally[2 * slots + index[i + 2]]++;
@@ -608,11 +612,11 @@ static void histogram_piece(void *data, int place, int team) {
         if ((block - start) % (FLUSH / BLOCK) == FLUSH / BLOCK - 1 || block + 1 == end) {
             for (int64_t b = 0; b < bins; b++) {
                 int64_t total = 0;
-                for (int k = 0; k < 8; k++)
+                for (int k = 0; k < TALLIES; k++)
                     total += tally[k * slots + b];
                 counts[b] += (double)total;
             }
-            memset(tally, 0, (size_t)(8 * slots) * sizeof *tally);
+            memset(tally, 0, (size_t)(TALLIES * slots) * sizeof *tally);
         }
     }
 }
@@ -638,7 +642,9 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
     /* a thread more only for at least 8 values per slot: each one sets up and merges all the bins */
     int64_t blocks = (n + BLOCK - 1) / BLOCK, per_slots = n / (8 * (bins + 1));
     int threads = team_size(asked, n, blocks < per_slots ? blocks : per_slots);
-    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, (bins + 4 * (bins + 1) + 7) / 8 * 8, NULL};
+    /* a region: the counts, then the tallies (two int32 per double), rounded up to whole cache lines */
+    int64_t region = (bins + TALLIES / 2 * (bins + 1) + 7) / 8 * 8;
+    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, region, NULL};
     void *block;
     job.counts = zeroed_lines((size_t)(threads * job.region) * sizeof *job.counts, &block);
     if (job.counts == NULL)

@@ -73,6 +73,20 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def _for_reading(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` as a reduction reads it, and whether a compiled kernel can read it in place.
+
+    A plain contiguous float32 CPU tensor, the hooks' common case, comes back as
+    it is (a kernel reads its memory: no detached view to make); anything else as
+    :func:`as_float` gives it, readable by a kernel when :func:`native.dense_float32_cpu`
+    holds (channels-last, permuted), else left to PyTorch operations.
+    """
+    if native.row_major_float32_cpu(x):
+        return x, True
+    xf = as_float(x)
+    return xf, native.dense_float32_cpu(xf)
+
+
 #: Elementwise work runs in chunks of at most this many values on the CPU, inside one
 #: reused scratch buffer per (device, dtype): no temporary as large as an activation is
 #: allocated (on CPU a fresh buffer costs page faults, more than the arithmetic), and
@@ -239,14 +253,12 @@ class RowStore:
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
         """
         with self._lock:
-            if native.row_major_float32_cpu(x):  # the common case first, without a detached copy of ``x``
-                n = x.numel()
-                return [self._kernel_row(x, n, zeros, saturation, eps)] if n else []
-            return self._reduce_float(as_float(x), zeros, saturation, eps, extremes)
+            return self._write_rows(*_for_reading(x), zeros, saturation, eps, extremes)
 
-    def _reduce_float(self, xf: torch.Tensor, zeros: bool, saturation: tuple[float, float] | None,
-                      eps: float, extremes: bool = True) -> list[int]:
-        if native.dense_float32_cpu(xf):
+    def _write_rows(self, xf: torch.Tensor, readable: bool, zeros: bool,
+                    saturation: tuple[float, float] | None, eps: float, extremes: bool = True) -> list[int]:
+        """The rows of ``xf`` (:func:`_for_reading`): one kernel row when ``readable``, else one per chunk."""
+        if readable:
             return [self._kernel_row(xf, xf.numel(), zeros, saturation, eps)] if xf.numel() else []
         return [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
 
@@ -257,19 +269,18 @@ class RowStore:
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
         with self._lock:
-            row_major = native.row_major_float32_cpu(x)
-            xf = x if row_major else as_float(x)  # no detached copy in the common case
+            xf, readable = _for_reading(x)
             view = xf.reshape(1) if xf.dim() == 0 else xf
             dim = unit_dim % view.dim()
-            layout = _unit_layout(view, dim, row_major)
+            layout = _unit_layout(view, dim) if readable else None
             units = view.shape[dim]
-            readable = maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))
-            if layout is not None and readable:
+            writable = maxima is None or (maxima.shape == (units,) and native.row_major_float32_cpu(maxima))
+            if layout is not None and writable:
                 out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
                 arguments = (out.data_ptr(), *layout, maxima is not None)
                 row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments)
                 return [row], out
-            return self._reduce_float(xf, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
+            return self._write_rows(xf, readable, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
                     eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
@@ -363,8 +374,8 @@ class RowStore:
         operations); on the CPU shifted by the first value and not scaled (weights are
         finite and far from float32 overflow)."""
         with self._lock:
-            xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
-            if xf is x or native.dense_float32_cpu(xf):
+            xf, readable = _for_reading(x)
+            if readable:
                 n = xf.numel()
                 if not n:
                     return []
@@ -565,13 +576,13 @@ def merge_unit_maxima(current: torch.Tensor | None, x: torch.Tensor, unit_dim: i
     return maxima if current is None else torch.fmax(current, maxima, out=current)
 
 
-def _unit_layout(x: torch.Tensor, dim: int, row_major: bool = False) -> tuple[int, int, int] | None:
-    """``(outer, units, inner)`` when the kernel can read ``x`` as ``[outer, units, inner]``
-    (``row_major``: :func:`native.row_major_float32_cpu` already holds for ``x``)."""
-    if x.numel() == 0 or not (row_major or native.dense_float32_cpu(x)):
+def _unit_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
+    """``(outer, units, inner)`` when a kernel that can read ``x`` (:func:`_for_reading`) can read
+    it as ``[outer, units, inner]``: contiguous, or channels-last with units in dimension 1."""
+    if x.numel() == 0:
         return None
     shape = x.shape
-    if row_major or x.is_contiguous():
+    if x.is_contiguous():
         return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
     if dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return x.numel() // shape[1], shape[1], 1  # [N, C, H, W] lies in memory as [N, H, W, C]
@@ -613,10 +624,10 @@ def add_histogram(counts: torch.Tensor | None, x: torch.Tensor, bounds: torch.Te
     chunks or calls are added together.
     """
     host_bounds = isinstance(bounds, tuple)
-    xf = x if native.row_major_float32_cpu(x) else as_float(x)  # no detached copy in the common case
+    xf, readable = _for_reading(x)
     if counts is None and not xf.numel():  # every record gets its bins: vectors match across processes
         return torch.zeros(bins, dtype=torch.float64, device=xf.device)
-    if (xf is x or native.dense_float32_cpu(xf)) and (counts is None or _float64_cpu(counts)) \
+    if readable and (counts is None or _float64_cpu(counts)) \
             and (host_bounds or _float64_cpu(bounds)):  # type: ignore[arg-type]
         if not xf.numel():
             return counts

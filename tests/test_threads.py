@@ -129,12 +129,13 @@ def _reduce_from_two_threads(rounds: int) -> None:
 
         threads = [threading.Thread(target=reduce_many, args=(dense,)),
                    threading.Thread(target=reduce_many, args=(dense[:1] + strided,))]
+        interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-6)  # the interpreter also changes threads between Python lines
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        sys.setswitchinterval(0.005)
+        sys.setswitchinterval(interval)
         assert len(store) == len(written) == 3000 and sorted(row for row, _, _ in written) == list(range(3000))
         final = stats.finalize(store.collect(torch.device("cpu")),
                                torch.tensor(store.numels(), dtype=torch.float64))
