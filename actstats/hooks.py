@@ -231,6 +231,17 @@ class _FunctionalActivations(TorchFunctionMode):
 RangeHints = Mapping[str, tuple[tuple[float, float] | None, tuple[float, float] | None]]
 
 
+def _usable_hints(hints: RangeHints, bins: int) -> dict[str, tuple[tuple[float, float] | None, ...]]:
+    """``hints`` as Python floats, with each range :func:`stats.usable_range` refuses (not finite,
+    or too narrow for ``bins`` float32 bins) made None: checked together, once per step."""
+    if not bins or not hints:
+        return {}
+    ranges = [r for pair in hints.values() for r in pair if r is not None]
+    usable = iter(stats.usable_ranges([r[0] for r in ranges], [r[1] for r in ranges], bins).tolist())
+    return {name: tuple((float(r[0]), float(r[1])) if r is not None and next(usable) else None for r in pair)
+            for name, pair in hints.items()}
+
+
 class Recorder:
     """Observe a model's layer calls; a context manager that removes every hook on exit.
 
@@ -252,6 +263,8 @@ class Recorder:
         >>> from actstats.probe import collect
         >>> summaries = collect(rec)  # merged on the device, one transfer
     """
+
+    _COUNTS_BLOCK = 64  # histograms' counts allocated together (see _zero_counts)
 
     def __init__(
         self,
@@ -284,7 +297,9 @@ class Recorder:
         step to the next), and modules added to the model are hooked at the next forward. A
         gradient that reaches a hook registered before the reset is ignored."""
         self.bins = histogram_bins
-        self.range_hints = dict(range_hints or {})
+        self._spare_counts: list[torch.Tensor] = []
+        #: the usable histogram ranges among ``range_hints`` (an unusable one is left out)
+        self.range_hints = _usable_hints(range_hints or {}, histogram_bins)
         self.generation += 1
         self._remove_leaf_hooks()
         self.records: dict[str, RecordState] = {}
@@ -546,7 +561,8 @@ class Recorder:
         if self.bins:
             if state.act_range is None:
                 state.act_range = self._range(name, 0, rows, y.device)
-            state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
+            counts = state.act_hist if state.act_hist is not None or not y.is_cpu else self._zero_counts()
+            state.act_hist = stats.add_histogram(counts, y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
             hook = self._grad_hook(state)
             if y.grad_fn is None:  # a leaf (a parameter returned as it is) outlives the step:
@@ -554,12 +570,21 @@ class Recorder:
             else:
                 _hook_graph_output(y, hook)
 
+    def _zero_counts(self) -> torch.Tensor:
+        """A histogram's zero float64 CPU counts: a row of a block of them (one allocation for
+        many records); ``list.pop`` hands each row out once, whatever thread asks."""
+        try:
+            return self._spare_counts.pop()
+        except IndexError:
+            self._spare_counts = list(torch.zeros(self._COUNTS_BLOCK, self.bins, dtype=torch.float64).unbind())
+            return self._spare_counts.pop()
+
     def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
         """A record's histogram range: its hint (host floats) when there is a usable one, else
         the min/max of ``rows`` (a float64 tensor on the device)."""
         hint = self.range_hints.get(name, (None, None))[which]
-        if hint is not None and stats.usable_range(hint[0], hint[1], self.bins):  # finite, too
-            return float(hint[0]), float(hint[1])
+        if hint is not None:
+            return hint
         return stats.histogram_range(self.store.extremes(rows, device))
 
     def _grad_hook(self, state: RecordState):
@@ -577,7 +602,9 @@ class Recorder:
                 if self.bins:
                     if state.grad_range is None:
                         state.grad_range = self._range(state.name, 1, rows, grad.device)
-                    state.grad_hist = stats.add_histogram(state.grad_hist, grad, state.grad_range, self.bins)
+                    counts = state.grad_hist if state.grad_hist is not None or not grad.is_cpu \
+                        else self._zero_counts()
+                    state.grad_hist = stats.add_histogram(counts, grad, state.grad_range, self.bins)
         return hook
 
     # --- results ---------------------------------------------------------------

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -700,9 +701,15 @@ def _float64_cpu(t: torch.Tensor) -> bool:
 def usable_range(low: float, high: float, bins: int) -> bool:
     """Whether ``(low, high)`` gives ``bins`` bins of a finite, non-zero width in float32
     (a float64 range can collapse or overflow there)."""
+    return bool(usable_ranges([low], [high], bins)[0])
+
+
+def usable_ranges(lows: Sequence[float], highs: Sequence[float], bins: int) -> np.ndarray:
+    """:func:`usable_range` of many ranges at once (one numpy pass: a watched step checks the
+    hints of every record when it opens, not one by one in the hooks)."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        lo, hi = np.float32(low), np.float32(high)
-        return bool(np.isfinite(lo) and np.isfinite(hi) and hi > lo and np.isfinite(np.float32(bins) / (hi - lo)))
+        lo, hi = np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
+        return np.isfinite(lo) & np.isfinite(hi) & (hi > lo) & np.isfinite(np.float32(bins) / (hi - lo))
 
 
 def _host_affine(bounds: tuple[float, float], bins: int, dtype: torch.dtype) -> tuple[float, float]:

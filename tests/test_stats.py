@@ -279,6 +279,9 @@ def test_ranges_that_collapse_in_float32_are_not_usable():
     assert not stats.usable_range(0.0, 1e-46, 64)  # below the float32 spacing at zero
     assert not stats.usable_range(-1e39, 1e39, 64)  # beyond float32
     assert not stats.usable_range(2.0, 1.0, 64)
+    # many at once, as a step's hints are checked: the same verdicts, in order
+    lows, highs = [-1.5, 1.0, 0.0, -1e39, 2.0, math.nan, 0.0], [2.0, 1.000000001, 1e-46, 1e39, 1.0, 1.0, 3.0]
+    assert stats.usable_ranges(lows, highs, 64).tolist() == [True, False, False, False, False, False, True]
 
 
 def test_rows_stacked_in_blocks_keep_their_order_and_extremes():

@@ -4,6 +4,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -71,6 +72,68 @@ def test_sampled_steps_only_and_the_tensorboard_tags(tmp_path):
     last = w.report()
     assert [p.value for p in points[-3:]] == pytest.approx([l.act.rms for l in last.layers], rel=1e-6)
     assert "flags" in tags["tensors"]
+
+
+def _float32_counts(values, low, high, bins):
+    """Counts as actstats defines them: float32 positions ``(x - low) * (bins / (high - low))``,
+    floored, the outside values in the end bins."""
+    x = values.detach().reshape(-1).numpy().astype(np.float32)
+    lo, hi = np.float32(low), np.float32(high)
+    position = np.clip(np.floor((x - lo) * (np.float32(bins) / (hi - lo))), 0, bins - 1)
+    return np.bincount(position.astype(np.int64), minlength=bins).tolist()
+
+
+class _WithConstantOutput(nn.Module):
+    """A body, and a second output that is constant (zero weights and bias): its range is (0, 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+        self.const = nn.Linear(3, 3)
+        nn.init.zeros_(self.const.weight), nn.init.zeros_(self.const.bias)
+
+    def forward(self, x):
+        y = self.body(x)
+        return y, self.const(y)
+
+
+def test_histograms_bin_each_step_over_the_previous_steps_range_unless_it_is_unusable():
+    torch.manual_seed(0)
+    model = _WithConstantOutput()
+    seen = {}  # record name -> [output, gradient] of the latest step, taken by our own hooks
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = [out.detach().clone(), None]
+            out.register_hook(lambda g: seen[name].__setitem__(1, g.clone()))
+        return hook
+
+    names = ("body.0", "body.1", "body.2", "const")
+    for name in names:
+        model.get_submodule(name).register_forward_hook(keep(name))
+    bins = 64
+    with actstats.watch(model, every=1, histograms=True) as w:
+        previous = None
+        for step in range(3):
+            y, c = model(torch.randn(16, 6) * (step + 1))
+            (y.pow(2).sum() + c.sum()).backward()  # the constant output's gradient is all ones
+            w.step()
+            report = w.report()
+            assert sorted(report.histograms) == sorted(names)
+            for name in names:
+                act_hist, grad_hist = report.histograms[name]
+                for hist, values, which in ((act_hist, seen[name][0], 0), (grad_hist, seen[name][1], 1)):
+                    low, high = hist.edges[0], hist.edges[-1]
+                    if name == "const":  # never usable: the values' own constant, widened by 0.5
+                        assert (low, high) == ((-0.5, 0.5) if which == 0 else (0.5, 1.5))
+                    elif previous is None:  # the first step: the record's own min and max
+                        assert (low, high) == (float(values.min()), float(values.max()))
+                    else:  # later steps: the previous step's min and max
+                        before = previous.layer(name).act if which == 0 else previous.histograms[name][1]
+                        assert (low, high) == (before.min, before.max)
+                    assert list(hist.counts) == _float32_counts(values, low, high, bins)
+                    assert hist.num == values.numel() and hist.min == float(values.min())
+            previous = report
 
 
 def test_an_unsampled_step_runs_no_statistics_and_installs_no_hook(monkeypatch):
