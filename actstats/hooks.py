@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from actstats import stats
-from actstats.report import Histogram, make_histogram
+from actstats.report import Histogram, make_histograms
 from actstats.theory import FUNCTIONAL_ACTIVATIONS, Activation, functional_activation, module_activation
 
 _CHANNEL_LAYERS = (
@@ -723,6 +723,7 @@ class Recorder:
         # numpy arrays on the host (after the step's one transfer), read as Python floats
         rows_host, grad_host, extremes_host = rows.tolist(), grad_sums.tolist(), extremes.tolist()
         out: list[RecordSummary] = []
+        histograms: list[tuple[Any, ...]] = []  # (record, attribute, low, high, min, max, num, sum, sum of squares)
         for r, s in enumerate(states):
             row, grad_row = rows_host[r], grad_host[r]
             _, _, g_high, g_neg_low = extremes_host[r]
@@ -735,29 +736,27 @@ class Recorder:
                     dead_frac = (alive.size - int(np.count_nonzero(alive))) / alive.size if alive.size else math.nan
             act, input_rms, input_numel, saturated = acts[r]
             grad = grads[r] if s.grad_calls else None
-            act_hist = grad_hist = None
             if s.act_hist is not None:
-                counts = sums[i:i + self.bins]
-                i += self.bins
                 (low, top), j = _edges(s.act_range, maxes, j)
-                act_hist = make_histogram(counts, low, top, act.min, act.max,
-                                          row[stats.A_N] - row[stats.A_NONFINITE], row[stats.A_SUM],
-                                          row[stats.A_SUMSQ])
+                histograms.append((r, "act_hist", low, top, act.min, act.max,
+                                   row[stats.A_N] - row[stats.A_NONFINITE], row[stats.A_SUM], row[stats.A_SUMSQ]))
             if s.grad_hist is not None:
-                counts = sums[i:i + self.bins]
-                i += self.bins
                 (low, top), j = _edges(s.grad_range, maxes, j)
-                grad_hist = make_histogram(counts, low, top, -g_neg_low, g_high,
-                                           grad_row[stats.G_N] - grad_row[stats.G_NONFINITE],
-                                           grad_row[stats.G_SUM], grad_row[stats.G_SUMSQ])
+                histograms.append((r, "grad_hist", low, top, -g_neg_low, g_high,
+                                   grad_row[stats.G_N] - grad_row[stats.G_NONFINITE],
+                                   grad_row[stats.G_SUM], grad_row[stats.G_SUMSQ]))
             family = s.activation.family if s.activation else None
             out.append(RecordSummary(
                 name=s.name, type=s.type, index=s.index, module_name=s.module_name,
                 activation=s.activation, act=act, input_rms=input_rms, input_numel=input_numel,
                 grad=grad, dead_frac=dead_frac,
                 saturation=saturated if family == "saturating" else None,
-                act_hist=act_hist, grad_hist=grad_hist,
             ))
+        if histograms:  # their counts follow the records' sums, in the same order
+            counts = sums[i:i + len(histograms) * self.bins].reshape(len(histograms), self.bins)
+            records, which, *figures = zip(*histograms)
+            for r, attribute, hist in zip(records, which, make_histograms(counts, *figures)):
+                setattr(out[r], attribute, hist)
         return out
 
 

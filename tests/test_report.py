@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import actstats
-from actstats.report import CSV_COLUMNS, Histogram, make_histogram
+from actstats.report import CSV_COLUMNS, Histogram, make_histogram, make_histograms
 from actstats.table import number, render, shorten
 
 LAYER_KEYS = {"name", "type", "index", "act", "input_rms", "grad", "dead_frac", "saturation", "weight", "flags"}
@@ -107,6 +108,44 @@ def test_made_histogram_equals_the_checked_constructor():
     checked = Histogram(np.linspace(-1.0, 3.0, 5), counts, -0.9, 2.5, 9, 4.25, 11.5)
     assert made == checked and hash(made) == hash(checked)
     assert type(made.edges) is tuple and type(made.counts) is tuple and type(made.num) is float
+
+
+@pytest.mark.parametrize("low", [1.0, -3.0, 1e6, -2.5e-7])
+@pytest.mark.parametrize("ulps_per_bin", [0.5, 1, 2, 3, 5, 8, 9, 16, 1000])
+def test_made_histogram_near_the_float_spacing_equals_the_checked_constructor_or_none(low, ulps_per_bin):
+    # bins a few ulps wide: the unchecked construction must agree with the constructor's checks
+    bins = 64
+    high = low + bins * ulps_per_bin * math.ulp(abs(low))
+    counts = np.arange(bins, dtype=np.float64)
+    made = make_histogram(counts, low, high, low, high, 5.0, 1.0, 2.0)
+    edges = [low + i * ((high - low) / bins) for i in range(bins)] + [high]
+    try:
+        checked = Histogram(edges, counts, low, high, 5, 1.0, 2.0)
+    except ValueError:
+        checked = None
+    assert made == checked
+    if made is not None:
+        assert made.edges == tuple(np.linspace(low, high, bins + 1).tolist())
+        assert type(made.counts) is tuple and all(type(c) is float for c in made.counts)
+
+
+def test_made_histograms_equal_made_histogram_row_by_row():
+    bins = 16
+    rows = [  # low, high, num: usable, narrow (a few ulps per bin), collapsed, empty, not finite, reversed
+        (-1.5, 2.25, 10.0), (1.0, 1.0 + bins * 3 * math.ulp(1.0), 4.0), (1.0, 1.0 + 1e-15, 4.0),
+        (0.0, 1.0, 0.0), (-math.inf, 1.0, 3.0), (math.nan, 1.0, 3.0), (2.0, 1.0, 3.0), (-1e308, 1e308, 3.0),  # the last: high - low overflows
+        (1e-3, 7.0, 2.0),
+    ]
+    counts = np.arange(len(rows) * bins, dtype=np.float64).reshape(len(rows), bins)
+    lows, highs, nums = zip(*rows)
+    vmins, vmaxs = [l - 1 for l in lows], [h + 1 for h in highs]
+    totals, sumsqs = [0.5 * k for k in range(len(rows))], [2.0 * k for k in range(len(rows))]
+    made = make_histograms(counts, lows, highs, vmins, vmaxs, nums, totals, sumsqs)
+    one_by_one = [make_histogram(counts[k], lows[k], highs[k], vmins[k], vmaxs[k], nums[k], totals[k], sumsqs[k])
+                  for k in range(len(rows))]
+    assert made == one_by_one
+    assert [h is None for h in made] == [False, False, True, True, True, True, True, True, False]
+    assert made[0].edges == tuple(np.linspace(-1.5, 2.25, bins + 1).tolist())
 
 
 def test_a_range_narrower_than_the_float_spacing_gives_no_histogram():
