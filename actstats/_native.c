@@ -178,6 +178,88 @@ static void share(int64_t items, int place, int team, int64_t *start, int64_t *e
     *end = items * (place + 1) / team;
 }
 
+/* --- binning into histograms ---------------------------------------------------------- */
+
+VECTOR_CLONES
+static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, int32_t bins, int32_t *index) {
+    float last = (float)(bins - 1);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float position = (x[i] - low) * per_unit;
+        uint32_t bits;
+        memcpy(&bits, &position, sizeof bits);
+        int32_t bad = (bits & EXPONENT) == EXPONENT;
+        position = position < 0.0f ? 0.0f : position > last ? last : position;
+        index[i] = bad ? bins : (int32_t)position;
+    }
+}
+
+/* Interleaved int32 tallies per thread, so that equal neighbours (a ReLU output's zeros) do not
+ * wait on one another; bin_block's loop is unrolled for this many. */
+#define TALLIES 8
+
+/* Doubles a thread's histogram region takes: its `bins` float64 counts, then its tallies
+ * (TALLIES * (bins + 1) int32, two per double), rounded up to whole cache lines. */
+static int64_t binner_region(int64_t bins) {
+    return (bins + TALLIES / 2 * (bins + 1) + 7) / 8 * 8;
+}
+
+/* One thread's histogram, in a zeroed region of binner_region(bins) doubles: blocks are tallied
+ * into bins + 1 slots (the last one takes what is dropped: NaN, Inf, a position that overflows),
+ * emptied into the float64 counts every FLUSH values and by binner_flush. */
+typedef struct {
+    float low, per_unit;
+    int64_t bins, pending;
+    double *counts;
+    int32_t *tally;
+} Binner;
+
+static void binner_start(Binner *h, float low, float per_unit, int64_t bins, double *region) {
+    *h = (Binner){low, per_unit, bins, 0, region, (int32_t *)(region + bins)};
+}
+
+static void binner_flush(Binner *h) {
+    int64_t bins = h->bins, slots = bins + 1;
+    for (int64_t b = 0; b < bins; b++) {
+        int64_t total = 0;
+        for (int k = 0; k < TALLIES; k++)
+            total += h->tally[k * slots + b];
+        h->counts[b] += (double)total;
+    }
+    memset(h->tally, 0, (size_t)(TALLIES * slots) * sizeof *h->tally);
+    h->pending = 0;
+}
+
+/* Tally at most BLOCK values. */
+static void bin_block(Binner *h, const float *x, int64_t size) {
+    int64_t bins = h->bins, slots = bins + 1;
+    int32_t *tally = h->tally;
+    int32_t index[BLOCK + TALLIES - 1];
+    bin_index_f32(x, size, h->low, h->per_unit, (int32_t)bins, index);
+    for (int k = 0; k < TALLIES - 1; k++)
+        index[size + k] = (int32_t)bins; /* padding: the dropped slot */
+    for (int64_t i = 0; i < size; i += TALLIES) {
+        tally[index[i]]++;
+        tally[slots + index[i + 1]]++;
+        tally[2 * slots + index[i + 2]]++;
+        tally[3 * slots + index[i + 3]]++;
+        tally[4 * slots + index[i + 4]]++;
+        tally[5 * slots + index[i + 5]]++;
+        tally[6 * slots + index[i + 6]]++;
+        tally[7 * slots + index[i + 7]]++;
+    }
+    h->pending += size;
+    if (h->pending >= FLUSH)
+        binner_flush(h);
+}
+
+/* Add each thread's counts (regions `region` doubles apart) to `counts`. */
+static void binner_gather(const double *regions, int64_t region, int team, int64_t bins, double *counts) {
+    for (int t = 0; t < team; t++)
+        for (int64_t b = 0; b < bins; b++)
+            counts[b] += regions[t * region + b];
+}
+
 /* --- one-pass moments -------------------------------------------------------------------- */
 
 typedef struct {
@@ -257,9 +339,11 @@ static void moments_start(Moments *m) {
 
 /* Add one block of at most BLOCK values to m; the block's own figures are left in b. */
 static void moments_add(const float *x, int64_t size, float shift, float mid, float threshold, BlockFn block,
-                        Moments *m, Block *block_out) {
+                        Binner *h, Moments *m, Block *block_out) {
     Block b;
     block(x, size, shift, mid, threshold, &b);
+    if (h != NULL) /* the block is in the L1 cache now */
+        bin_block(h, x, size);
     *block_out = b;
     float span = fmaxf(b.high - shift, shift - b.low);
     if (b.nonfinite == 0 && (span > HUGE_SPAN || (span > 0.0f && span < TINY_SPAN) || is_nonfinite(b.sumsq))) {
@@ -277,11 +361,11 @@ static void moments_add(const float *x, int64_t size, float shift, float mid, fl
 }
 
 static void moments_f32(const float *x, int64_t n, float shift, float mid, float threshold, BlockFn block,
-                        Moments *m) {
+                        Binner *h, Moments *m) {
     Block b;
     moments_start(m);
     for (int64_t start = 0; start < n; start += BLOCK)
-        moments_add(x + start, n - start < BLOCK ? n - start : BLOCK, shift, mid, threshold, block, m, &b);
+        moments_add(x + start, n - start < BLOCK ? n - start : BLOCK, shift, mid, threshold, block, h, m, &b);
 }
 
 VECTOR_CLONES
@@ -318,7 +402,7 @@ static void block_max_f32(const float *x, int64_t n, float *high, char *nan) {
  * value: a block lies within one unit, and its maximum is the block's own, swept again only
  * when the block holds NaN or Inf (the block's maximum ignores NaN). */
 static void moments_units_f32(const float *x, int64_t outer, int64_t units, int64_t inner, float shift, float mid,
-                              float threshold, BlockFn block, Moments *m, float *high, char *nan) {
+                              float threshold, BlockFn block, Binner *h, Moments *m, float *high, char *nan) {
     Block b;
     moments_start(m);
     for (int64_t o = 0; o < outer; o++) {
@@ -326,7 +410,7 @@ static void moments_units_f32(const float *x, int64_t outer, int64_t units, int6
         for (int64_t u = 0; u < units; u++) {
             for (int64_t i = 0; i < inner; i += BLOCK) {
                 int64_t size = inner - i < BLOCK ? inner - i : BLOCK;
-                moments_add(slab + u * inner + i, size, shift, mid, threshold, block, m, &b);
+                moments_add(slab + u * inner + i, size, shift, mid, threshold, block, h, m, &b);
                 if (b.nonfinite)
                     block_max_f32(slab + u * inner + i, size, high + u, nan + u);
                 else if (b.high > high[u])
@@ -386,6 +470,11 @@ typedef struct {
     float *high; /* unit maxima: a row of `stride` per thread (whole cache lines) */
     char *nan;
     int64_t stride;
+    /* a histogram binned in the same pass (bins 0: none): each thread's region of `region`
+     * doubles in `hist` (see Binner) */
+    float low, per_unit;
+    int64_t bins, region;
+    double *hist;
     Moments part[MAX_TEAM];
 } MomentsJob;
 
@@ -395,20 +484,27 @@ static void moments_piece(void *data, int place, int team) {
     int64_t start, end;
     float *high = job->high + place * job->stride;
     char *nan = job->nan + place * job->stride;
+    Binner binner, *h = NULL;
+    if (job->bins) {
+        binner_start(&binner, job->low, job->per_unit, job->bins, job->hist + place * job->region);
+        h = &binner;
+    }
     if (job->fused) { /* whole samples (outer indices), each thread with maxima of its own */
         share(job->outer, place, team, &start, &end);
         moments_units_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner,
-                          job->shift, job->mid, job->threshold, job->block, &m, high, nan);
+                          job->shift, job->mid, job->threshold, job->block, h, &m, high, nan);
     } else {
         share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end); /* whole blocks of the flat values */
         start *= BLOCK;
         end = end * BLOCK < job->n ? end * BLOCK : job->n;
-        moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block, &m);
+        moments_f32(job->x + start, end - start, job->shift, job->mid, job->threshold, job->block, h, &m);
         if (job->high != NULL) { /* and the maxima of whole samples */
             share(job->outer, place, team, &start, &end);
             units_max_f32(job->x + start * job->units * job->inner, end - start, job->units, job->inner, high, nan);
         }
     }
+    if (h != NULL)
+        binner_flush(h);
     job->part[place] = m;
 }
 
@@ -430,8 +526,9 @@ static void values_argument(PyObject *const *args, const float **x, int64_t *n) 
 /* moments(x_ptr, n, out_ptr, threads, zeros, saturation, mid, threshold[, units_ptr, outer, units, inner, merge]):
  * out_ptr -> 8 float64; with the unit arguments, x is [outer, units, inner] and units_ptr -> `units`
  * float32 maxima (NaN for a unit that saw a NaN, as amax gives), written or fmax-merged. */
-static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!argument_count("moments", nargs, 8, 13))
+static PyObject *moments_call(PyObject *const *args, Py_ssize_t nargs, int binned) {
+    const Py_ssize_t u = binned ? 11 : 8; /* where the unit arguments start */
+    if (!argument_count(binned ? "moments_binned" : "moments", nargs, u, u + 5))
         return NULL;
     const float *x;
     int64_t n;
@@ -445,15 +542,27 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     float *unit_out = NULL;
     int64_t outer = 0, units = 0, inner = 0;
     int merge = 0;
-    if (nargs == 13) {
-        unit_out = (float *)PyLong_AsVoidPtr(args[8]);
-        outer = PyLong_AsLongLong(args[9]);
-        units = PyLong_AsLongLong(args[10]);
-        inner = PyLong_AsLongLong(args[11]);
-        merge = PyObject_IsTrue(args[12]);
+    if (nargs == u + 5) {
+        unit_out = (float *)PyLong_AsVoidPtr(args[u]);
+        outer = PyLong_AsLongLong(args[u + 1]);
+        units = PyLong_AsLongLong(args[u + 2]);
+        inner = PyLong_AsLongLong(args[u + 3]);
+        merge = PyObject_IsTrue(args[u + 4]);
+    }
+    const double *bounds = NULL;
+    double *counts = NULL;
+    int64_t bins = 0;
+    if (binned) {
+        bounds = (const double *)PyLong_AsVoidPtr(args[8]);
+        bins = PyLong_AsLongLong(args[9]);
+        counts = (double *)PyLong_AsVoidPtr(args[10]);
     }
     if (PyErr_Occurred())
         return NULL;
+    if (binned && (bins <= 0 || bins >= INT32_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "moments_binned needs between 1 and 2**31 - 2 bins");
+        return NULL;
+    }
     if (n <= 0 || (unit_out != NULL && (units <= 0 || outer <= 0 || inner <= 0 || outer * units * inner != n))) {
         PyErr_SetString(PyExc_ValueError, "moments needs values, and a [outer, units, inner] layout of them");
         return NULL;
@@ -462,15 +571,26 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     int fused = unit_out != NULL && inner >= BLOCK;
     MomentsJob job = {x, n, outer, units, inner, shift, (float)mid, (float)threshold,
                       want_saturation ? block_all : want_zeros ? block_zeros : block_plain, fused, NULL, NULL,
-                      (units + 63) / 64 * 64};
+                      (units + 63) / 64 * 64, 0.0f, 0.0f, 0, 0, NULL};
     int threads = team_size(asked, n, fused ? outer : (n + BLOCK - 1) / BLOCK);
-    void *high_block = NULL, *nan_block = NULL;
+    void *high_block = NULL, *nan_block = NULL, *hist_block = NULL;
+    if (binned) { /* as histogram() bins: float32 low and per_unit */
+        float low = (float)bounds[0], high = (float)bounds[1];
+        job.low = low;
+        job.per_unit = (float)bins / (high - low);
+        job.bins = bins;
+        job.region = binner_region(bins);
+        job.hist = zeroed_lines((size_t)(threads * job.region) * sizeof *job.hist, &hist_block);
+        if (job.hist == NULL)
+            return PyErr_NoMemory();
+    }
     if (unit_out != NULL) {
         job.high = zeroed_lines((size_t)(threads * job.stride) * sizeof *job.high, &high_block);
         job.nan = zeroed_lines((size_t)(threads * job.stride), &nan_block);
         if (job.high == NULL || job.nan == NULL) {
             free(high_block);
             free(nan_block);
+            free(hist_block);
             return PyErr_NoMemory();
         }
         for (int64_t u = 0; u < threads * job.stride; u++)
@@ -494,9 +614,12 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
             unit_out[u] = merge ? fmaxf(unit_out[u], value) : value;
         }
     }
+    if (binned)
+        binner_gather(job.hist, job.region, team, bins, counts);
     Py_END_ALLOW_THREADS
     free(high_block);
     free(nan_block);
+    free(hist_block);
     int nan = m.nans > 0;
     out[0] = shift;
     out[1] = 1.0;
@@ -507,6 +630,17 @@ static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t na
     out[6] = want_zeros ? (double)m.zeros : 0.0;
     out[7] = want_saturation ? (double)m.saturated : 0.0;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return moments_call(args, nargs, 0);
+}
+
+/* moments_binned(x_ptr, n, out_ptr, threads, zeros, saturation, mid, threshold, bounds_ptr, bins, counts_ptr
+ *                [, units_ptr, outer, units, inner, merge]): moments(), and x's values added to `bins`
+ * float64 counts over the 2 float64 bounds, as histogram() adds them, in the same pass. */
+static PyObject *py_moments_binned(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return moments_call(args, nargs, 1);
 }
 
 typedef struct {
@@ -557,68 +691,26 @@ static PyObject *py_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
-VECTOR_CLONES
-static void bin_index_f32(const float *x, int64_t n, float low, float per_unit, int32_t bins, int32_t *index) {
-    float last = (float)(bins - 1);
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        float position = (x[i] - low) * per_unit;
-        uint32_t bits;
-        memcpy(&bits, &position, sizeof bits);
-        int32_t bad = (bits & EXPONENT) == EXPONENT;
-        position = position < 0.0f ? 0.0f : position > last ? last : position;
-        index[i] = bad ? bins : (int32_t)position;
-    }
-}
-
-/* Interleaved int32 tallies per thread, so that equal neighbours (a ReLU output's zeros) do not
- * wait on one another; histogram_piece's loop is unrolled for this many. */
-#define TALLIES 8
-
 typedef struct {
     const float *x;
     int64_t n;
     float low, per_unit;
     int64_t bins, region;
-    double *counts; /* per thread, a region of `region` doubles (whole cache lines): its counts
-                     * (`bins` float64), then its tallies (TALLIES * (bins + 1) int32) */
+    double *counts; /* per thread, a region of `region` doubles (see Binner) */
 } HistogramJob;
 
-/* Bin this thread's run of whole blocks into its own counts: bins + 1 slots (the last one takes
- * what is dropped), TALLIES interleaved tallies, emptied into the float64 counts every FLUSH
- * values. */
+/* Bin this thread's run of whole blocks into its own counts. */
 static void histogram_piece(void *data, int place, int team) {
     HistogramJob *job = data;
-    int64_t bins = job->bins, slots = bins + 1, start, end;
-    double *counts = job->counts + place * job->region;
-    int32_t *tally = (int32_t *)(counts + bins);
+    Binner h;
+    int64_t start, end;
+    binner_start(&h, job->low, job->per_unit, job->bins, job->counts + place * job->region);
     share((job->n + BLOCK - 1) / BLOCK, place, team, &start, &end);
-    int32_t index[BLOCK + TALLIES - 1];
     for (int64_t block = start; block < end; block++) {
         int64_t first = block * BLOCK, size = job->n - first < BLOCK ? job->n - first : BLOCK;
-        bin_index_f32(job->x + first, size, job->low, job->per_unit, (int32_t)bins, index);
-        for (int k = 0; k < TALLIES - 1; k++)
-            index[size + k] = (int32_t)bins; /* padding: the dropped slot */
-        for (int64_t i = 0; i < size; i += TALLIES) {
-            tally[index[i]]++;
-            tally[slots + index[i + 1]]++;
-            tally[2 * slots + index[i + 2]]++;
-            tally[3 * slots + index[i + 3]]++;
-            tally[4 * slots + index[i + 4]]++;
-            tally[5 * slots + index[i + 5]]++;
-            tally[6 * slots + index[i + 6]]++;
-            tally[7 * slots + index[i + 7]]++;
-        }
-        if ((block - start) % (FLUSH / BLOCK) == FLUSH / BLOCK - 1 || block + 1 == end) {
-            for (int64_t b = 0; b < bins; b++) {
-                int64_t total = 0;
-                for (int k = 0; k < TALLIES; k++)
-                    total += tally[k * slots + b];
-                counts[b] += (double)total;
-            }
-            memset(tally, 0, (size_t)(TALLIES * slots) * sizeof *tally);
-        }
+        bin_block(&h, job->x + first, size);
     }
+    binner_flush(&h);
 }
 
 /* histogram(x_ptr, n, bounds_ptr, bins, counts_ptr, threads): bounds -> 2 float64, counts -> bins float64 */
@@ -642,18 +734,14 @@ static PyObject *py_histogram(PyObject *self, PyObject *const *args, Py_ssize_t 
     /* a thread more only for at least 8 values per slot: each one sets up and merges all the bins */
     int64_t blocks = (n + BLOCK - 1) / BLOCK, per_slots = n / (8 * (bins + 1));
     int threads = team_size(asked, n, blocks < per_slots ? blocks : per_slots);
-    /* a region: the counts, then the tallies (two int32 per double), rounded up to whole cache lines */
-    int64_t region = (bins + TALLIES / 2 * (bins + 1) + 7) / 8 * 8;
-    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, region, NULL};
+    HistogramJob job = {x, n, low, (float)bins / (high - low), bins, binner_region(bins), NULL};
     void *block;
     job.counts = zeroed_lines((size_t)(threads * job.region) * sizeof *job.counts, &block);
     if (job.counts == NULL)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     int team = run_team(histogram_piece, &job, threads);
-    for (int t = 0; t < team; t++)
-        for (int64_t b = 0; b < bins; b++)
-            counts[b] += job.counts[t * job.region + b];
+    binner_gather(job.counts, job.region, team, bins, counts);
     Py_END_ALLOW_THREADS
     free(block);
     Py_RETURN_NONE;
@@ -726,6 +814,8 @@ static PyObject *py_team(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))py_moments, METH_FASTCALL, "Raw-row moments of a float32 vector."},
+    {"moments_binned", (PyCFunction)(void (*)(void))py_moments_binned, METH_FASTCALL,
+     "Raw-row moments of a float32 vector, and its values added to bin counts."},
     {"sums", (PyCFunction)(void (*)(void))py_sums, METH_FASTCALL, "Float64 sums of a float32 vector."},
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_FASTCALL, "Add float32 values to bin counts."},
     {"rows_equal", (PyCFunction)(void (*)(void))py_rows_equal, METH_FASTCALL, "Are all rows equal to the first?"},

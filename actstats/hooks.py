@@ -542,14 +542,22 @@ class Recorder:
             unit_dim = 1 if self._channel_units and y.dim() >= 2 else -1
             state = RecordState(name, type_name, len(self.records), module_name, activation, unit_dim)
             self.records[name] = state
+        binning = None
+        if self.bins:  # with a range known beforehand, a CPU tensor is binned in the moments' pass
+            if state.act_range is None:
+                state.act_range = self.range_hints.get(name, (None, None))[0]
+            if isinstance(state.act_range, tuple) and y.is_cpu:  # a hint (a measured range is a tensor)
+                state.act_hist = self._zero_counts() if state.act_hist is None else state.act_hist
+                binning = (state.act_range, self.bins, state.act_hist)
         family = activation.family if activation is not None else None
         if family == "relu":  # also the alive units
-            rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True)
+            rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True,
+                                                           histogram=binning)
         elif family == "saturating":
             bounds = (activation.low, activation.high)  # type: ignore[union-attr]
-            rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps)
+            rows = self.store.reduce(y, zeros=True, saturation=bounds, eps=self.eps, histogram=binning)
         else:
-            rows = self.store.reduce(y, zeros=True)
+            rows = self.store.reduce(y, zeros=True, histogram=binning)
         record = state.index
         _own(self._act_rows, rows, record)
         if inputs:
@@ -558,11 +566,10 @@ class Recorder:
             self._device = y.device
         # This output's rows, for a later record that receives it unchanged.
         self._seen[id(y)] = (weakref.ref(y), y._version, rows)
-        if self.bins:
+        if self.bins and binning is None:  # off the CPU, or the range measured on the record's first call
             if state.act_range is None:
-                state.act_range = self._range(name, 0, rows, y.device)
-            counts = state.act_hist if state.act_hist is not None or not y.is_cpu else self._zero_counts()
-            state.act_hist = stats.add_histogram(counts, y, state.act_range, self.bins)
+                state.act_range = stats.histogram_range(self.store.extremes(rows, y.device))
+            state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
             hook = self._grad_hook(state)
             if y.grad_fn is None:  # a leaf (a parameter returned as it is) outlives the step:
@@ -579,14 +586,6 @@ class Recorder:
             self._spare_counts = list(torch.zeros(self._COUNTS_BLOCK, self.bins, dtype=torch.float64).unbind())
             return self._spare_counts.pop()
 
-    def _range(self, name: str, which: int, rows: list[int], device: torch.device) -> torch.Tensor | tuple[float, float]:
-        """A record's histogram range: its hint (host floats) when there is a usable one, else
-        the min/max of ``rows`` (a float64 tensor on the device)."""
-        hint = self.range_hints.get(name, (None, None))[which]
-        if hint is not None:
-            return hint
-        return stats.histogram_range(self.store.extremes(rows, device))
-
     def _grad_hook(self, state: RecordState):
         generation = self.generation
 
@@ -596,15 +595,20 @@ class Recorder:
             if grad is None:  # no gradient reached this output (autograd calls the hook with None)
                 return
             with torch._C.DisableTorchFunction():
-                rows = self.store.reduce(grad, extremes=bool(self.bins))  # only a histogram reads them
+                binning = None
+                if self.bins:  # as for the output (_observe)
+                    if state.grad_range is None:
+                        state.grad_range = self.range_hints.get(state.name, (None, None))[1]
+                    if isinstance(state.grad_range, tuple) and grad.is_cpu:
+                        state.grad_hist = self._zero_counts() if state.grad_hist is None else state.grad_hist
+                        binning = (state.grad_range, self.bins, state.grad_hist)
+                rows = self.store.reduce(grad, extremes=bool(self.bins), histogram=binning)  # extremes: a range
                 state.grad_calls += 1
                 _own(self._grad_rows, rows, state.index)
-                if self.bins:
+                if self.bins and binning is None:
                     if state.grad_range is None:
-                        state.grad_range = self._range(state.name, 1, rows, grad.device)
-                    counts = state.grad_hist if state.grad_hist is not None or not grad.is_cpu \
-                        else self._zero_counts()
-                    state.grad_hist = stats.add_histogram(counts, grad, state.grad_range, self.bins)
+                        state.grad_range = stats.histogram_range(self.store.extremes(rows, grad.device))
+                    state.grad_hist = stats.add_histogram(state.grad_hist, grad, state.grad_range, self.bins)
         return hook
 
     # --- results ---------------------------------------------------------------

@@ -168,6 +168,11 @@ def constant(value: float, device: torch.device, dtype: torch.dtype = torch.floa
     return found
 
 
+#: A histogram to fill while reducing: ``(bounds, bins, counts)``, host bounds ``(low, high)`` as
+#: :func:`add_histogram` takes them and float64 CPU ``counts`` (contiguous), added to in place.
+Binning = tuple[tuple[float, float], int, torch.Tensor]
+
+
 class RowStore:
     """Raw rows of many tensors: 0-d results on their device, stacked into one matrix per step.
 
@@ -238,7 +243,7 @@ class RowStore:
         return self._numels
 
     def reduce(self, x: torch.Tensor, *, zeros: bool = False, saturation: tuple[float, float] | None = None,
-               eps: float = 0.0, extremes: bool = True) -> list[int]:
+               eps: float = 0.0, extremes: bool = True, histogram: Binning | None = None) -> list[int]:
         """Write the raw rows of ``x`` (one per chunk; none when it is empty); return their numbers.
 
         A float32 CPU tensor whose values fill a block of memory is read once by
@@ -252,20 +257,28 @@ class RowStore:
             eps: the saturation tolerance.
             extremes: False when min and max will not be read: Welford rows then skip
                 ``aminmax`` and hold zeros (kernels and shifted rows take them anyway).
+            histogram: ``(bounds, bins, counts)``: also add ``x``'s values to ``counts`` as
+                :func:`add_histogram` does (in the kernel's pass when it reads ``x``).
         """
         with self._lock:
-            return self._write_rows(*_for_reading(x), zeros, saturation, eps, extremes)
+            xf, readable = _for_reading(x)
+            rows = self._write_rows(xf, readable, zeros, saturation, eps, extremes, histogram)
+            if histogram is not None and not readable:
+                add_histogram(histogram[2], xf, *histogram[:2])
+            return rows
 
-    def _write_rows(self, xf: torch.Tensor, readable: bool, zeros: bool,
-                    saturation: tuple[float, float] | None, eps: float, extremes: bool = True) -> list[int]:
-        """The rows of ``xf`` (:func:`_for_reading`): one kernel row when ``readable``, else one per chunk."""
+    def _write_rows(self, xf: torch.Tensor, readable: bool, zeros: bool, saturation: tuple[float, float] | None,
+                    eps: float, extremes: bool = True, histogram: Binning | None = None) -> list[int]:
+        """The rows of ``xf`` (:func:`_for_reading`): one kernel row when ``readable`` (binning
+        into ``histogram`` too), else one per chunk (the caller bins)."""
         if readable:
-            return [self._kernel_row(xf, xf.numel(), zeros, saturation, eps)] if xf.numel() else []
+            return [self._kernel_row(xf, xf.numel(), zeros, saturation, eps, histogram=histogram)] if xf.numel() \
+                else []
         return [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
 
     def reduce_units(self, x: torch.Tensor, maxima: torch.Tensor | None, unit_dim: int, *, zeros: bool = False,
-                     saturation: tuple[float, float] | None = None, eps: float = 0.0
-                     ) -> tuple[list[int], torch.Tensor]:
+                     saturation: tuple[float, float] | None = None, eps: float = 0.0,
+                     histogram: Binning | None = None) -> tuple[list[int], torch.Tensor]:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
@@ -279,22 +292,33 @@ class RowStore:
             if layout is not None and writable:
                 out = maxima if maxima is not None else torch.empty(units, dtype=torch.float32)
                 arguments = (out.data_ptr(), *layout, maxima is not None)
-                row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments)
+                row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments, histogram)
                 return [row], out
-            return self._write_rows(xf, readable, zeros, saturation, eps), merge_unit_maxima(maxima, xf, unit_dim)
+            rows = self._write_rows(xf, readable, zeros, saturation, eps, histogram=histogram)
+            if histogram is not None and not readable:
+                add_histogram(histogram[2], xf, *histogram[:2])
+            return rows, merge_unit_maxima(maxima, xf, unit_dim)
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
-                    eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = ()) -> int:
+                    eps: float, units: tuple[int, int, int, int, bool] | tuple[()] = (),
+                    histogram: Binning | None = None) -> int:
         """Have the kernel write ``x``'s moments (``n`` float32 values read in place) into the next
-        row of the open native block (:meth:`_native_row`); return the row's number."""
+        row of the open native block (:meth:`_native_row`), and bin them into ``histogram`` in
+        the same pass; return the row's number."""
         row, address = self._native_row(n)
         if saturation is None:
-            native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, False, 0.0, 0.0,
-                                   *units)
+            mid, threshold = 0.0, 0.0
         else:
             low, high = saturation
-            native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, True,
-                                   (low + high) / 2, (high - low) / 2 - eps, *units)
+            mid, threshold = (low + high) / 2, (high - low) / 2 - eps
+        if histogram is None:
+            native.kernels.moments(x.data_ptr(), n, address, torch.get_num_threads(), zeros, saturation is not None,
+                                   mid, threshold, *units)
+        else:
+            bounds, bins, counts = histogram
+            native.kernels.moments_binned(x.data_ptr(), n, address, torch.get_num_threads(), zeros,
+                                          saturation is not None, mid, threshold, _host_bounds(bounds).data_ptr(),
+                                          bins, counts.data_ptr(), *units)
         return row
 
     def _native_row(self, n: int) -> tuple[int, int]:

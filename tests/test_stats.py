@@ -259,6 +259,38 @@ def test_histograms_from_host_and_device_bounds_count_alike(bins):
     assert stats.add_histogram(None, x[:0], (low, high), bins).tolist() == [0.0] * bins  # every record has bins
 
 
+@pytest.mark.parametrize("layout", ["flat", "channels", "small_planes", "float64", "strided", "empty"])
+@pytest.mark.parametrize("entry", ["reduce", "reduce_units", "saturation"])
+def test_binning_while_reducing_equals_reducing_then_binning(layout, entry):
+    """``histogram=`` adds the values to the counts as add_histogram does (in the kernel's pass when
+    a kernel reads the tensor), and leaves the rows and unit maxima as they are without it."""
+    gen = torch.Generator().manual_seed(11)
+    shape = {"flat": (3000,), "channels": (3, 4, 40, 20), "small_planes": (6, 5, 3, 3), "float64": (2, 5, 30),
+             "strided": (40, 30), "empty": (0, 4)}[layout]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64 if layout == "float64" else torch.float32).relu()
+    if x.numel():  # NaN and Inf are not counted; a value past the range counts in the last bin
+        x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 50.0], dtype=x.dtype)
+    if layout == "strided":  # not dense: PyTorch operations
+        x = x.t()
+    bins, bounds = 32, (-0.25, 1.75)
+    binned, plain = stats.RowStore(), stats.RowStore()
+    counts = torch.ones(bins, dtype=torch.float64)  # added to what is there, in place
+    if entry == "reduce_units":
+        rows, maxima = binned.reduce_units(x, None, 1, zeros=True, histogram=(bounds, bins, counts))
+        rows_plain, maxima_plain = plain.reduce_units(x, None, 1, zeros=True)
+        torch.testing.assert_close(maxima, maxima_plain, rtol=0, atol=0, equal_nan=True)
+    else:
+        saturation = (0.0, 1.0) if entry == "saturation" else None
+        rows = binned.reduce(x, zeros=True, saturation=saturation, eps=0.01, histogram=(bounds, bins, counts))
+        rows_plain = plain.reduce(x, zeros=True, saturation=saturation, eps=0.01)
+    assert len(rows) == len(rows_plain)
+    if rows:
+        cpu = torch.device("cpu")
+        assert torch.equal(binned.collect(cpu).nan_to_num(), plain.collect(cpu).nan_to_num())
+    assert counts.tolist() == stats.add_histogram(torch.ones(bins, dtype=torch.float64), x, bounds, bins).tolist()
+    assert counts.tolist() == (_numpy_histogram(x.contiguous().numpy().ravel(), *bounds, bins) + 1).tolist()
+
+
 @pytest.mark.parametrize("bins", [20, 4099, 5000])
 def test_the_three_ways_of_counting_bins_agree(bins):
     """bincount (CPU), histc (CUDA) and index_add_ (CUDA in deterministic mode: histc refuses to
