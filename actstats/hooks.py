@@ -54,7 +54,8 @@ from torch.utils.hooks import RemovableHandle
 
 from actstats import stats
 from actstats.report import Histogram, make_histograms
-from actstats.theory import FUNCTIONAL_ACTIVATIONS, Activation, functional_activation, module_activation
+from actstats.theory import FUNCTIONAL_ACTIVATIONS, Activation, functional_activation, is_parametric, module_activation
+from actstats.weights import WeightMeasure
 
 _CHANNEL_LAYERS = (
     nn.modules.conv._ConvNd,
@@ -314,6 +315,8 @@ class Recorder:
         self._seen: dict[int, tuple[Any, int, list[int]]] = {}
         #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
         self.store = stats.RowStore()
+        #: the weights of the recorded parametric modules, read at their first call
+        self.weights = WeightMeasure()
         # Which rows belong to what: (row, record index) for outputs, inputs and gradients;
         # rows of the model's own input.
         self._act_rows: list[tuple[int, int]] = []
@@ -355,7 +358,7 @@ class Recorder:
             is_root = module is self.root
             record = is_recorded(module, root=is_root)
             self._handles.append(module.register_forward_pre_hook(
-                self._pre_hook(name, record, is_root), with_kwargs=True))
+                self._pre_hook(name, record, is_root, record and is_parametric(module)), with_kwargs=True))
             # What a recorded module's call tells about the unit dimension of the layers after it.
             channels = True if isinstance(module, _CHANNEL_LAYERS) else False if owns_parameters(module) else None
             activation = module_activation(module) if record else None
@@ -403,13 +406,15 @@ class Recorder:
     # dim, shape, the reductions) are neither intercepted by the function mode nor dispatched
     # to tensor subclasses' Python overrides.
 
-    def _pre_hook(self, name: str, record: bool, is_root: bool):
+    def _pre_hook(self, name: str, record: bool, is_root: bool, parametric: bool):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             with torch._C.DisableTorchFunction():
                 if is_root:
                     self._start_forward(args, kwargs)
                 if self._skipping:
                     return
+                if parametric:  # its weights, once a step, just before the layer reads them too
+                    self.weights.add(module)
                 inputs = None
                 if record:
                     x = _first_input(args, kwargs)

@@ -14,15 +14,17 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from actstats import native, stats, theory
-from actstats.hooks import RecordSummary
 from actstats.report import WeightInfo
+
+if TYPE_CHECKING:
+    from actstats.hooks import RecordSummary
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,40 @@ def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> t
     return verdict
 
 
-def weight_figures(modules: Sequence[nn.Module], *,
-                   symmetry: Mapping[nn.Module, bool] | None = None) -> tuple[torch.Tensor | None, Any]:
+class WeightMeasure:
+    """The weights of parametric modules read into one :class:`stats.RowStore` on their device
+    (nothing reaches the host), module by module: the recorder reads a module's weights in
+    its forward pre-hook, on its first call of a step, while they are about to be read by
+    the layer itself (in cache then, and the weights that produce the step's activations);
+    :func:`weight_figures` finishes the figures."""
+
+    def __init__(self) -> None:
+        self.store = stats.RowStore()
+        self.owners: list[int] = []  # the part each row of the store belongs to
+        self.parts: dict[nn.Module, list[theory.WeightPart]] = {}  # measured modules, in order
+        self.n_parts = 0
+
+    def add(self, module: nn.Module) -> None:
+        """Read ``module``'s weight parts (:func:`theory.weight_parts`), unless already read."""
+        if module in self.parts:
+            return
+        parts = self.parts[module] = theory.weight_parts(module)
+        with torch.no_grad():
+            for part in parts:
+                self.owners += [self.n_parts] * len(self.store.moments(part.tensor))
+                self.n_parts += 1
+
+
+def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module, bool] | None = None,
+                   measured: WeightMeasure | None = None) -> tuple[torch.Tensor | None, Any]:
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
     Every part's sum and sum of squares come from one :class:`stats.RowStore`
     (:meth:`~stats.RowStore.moments`: float32 sums shifted by the first value,
     exact for a constant weight), finalized together; the population std and
-    rms follow on the device. ``symmetry`` gives the symmetric
+    rms follow on the device. ``measured`` holds weights read earlier (the
+    recorder's, read in the forward pass): modules of ``modules`` it lacks are
+    read now, and it gives figures for all its modules. ``symmetry`` gives the symmetric
     verdict of modules already checked: training cannot make distinct units
     identical, nor separate identical ones, so ``watch`` checks each module once.
     Returns the vector (None when there is nothing to measure) and a function
@@ -109,20 +137,17 @@ def weight_figures(modules: Sequence[nn.Module], *,
     its statistics.
     """
     known = symmetry or {}
-    store = stats.RowStore()
-    owners: list[int] = []
+    measure = measured if measured is not None else WeightMeasure()
+    for module in modules:
+        measure.add(module)
+    store, owners, n_parts = measure.store, measure.owners, measure.n_parts
     leads: list[torch.Tensor] = []  # each module's first part, whose first value is reported
     verdicts: list[torch.Tensor] = []
     layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = []  # module, parts, known verdict
-    n_parts = 0
     with torch.no_grad():
-        for module in modules:
-            parts = theory.weight_parts(module)
+        for module, parts in measure.parts.items():
             if not parts:
                 continue
-            for part in parts:
-                owners += [n_parts] * len(store.moments(part.tensor))
-                n_parts += 1
             leads.append(parts[0].tensor)
             if module in known:
                 layout.append((module, parts, bool(known[module])))

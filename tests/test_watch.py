@@ -145,17 +145,19 @@ def test_an_unsampled_step_runs_no_statistics_and_installs_no_hook(monkeypatch):
         monkeypatch.setattr(stats.RowStore, entry, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     with actstats.watch(model, every=3) as w:
         train_step(model, torch.randn(4, 6))
-        # step 0 is sampled: the model input (also the first layer's), 3 outputs, 3 gradients
-        assert hook_count(model) > base and len(calls) == 7
+        # step 0 is sampled: the model input (also the first layer's), 3 outputs, 3 gradients,
+        # and the weights of the two linear layers (read in their forward pre-hooks)
+        assert hook_count(model) > base and len(calls) == 9
         w.step()
-        calls.clear()  # the weight figures of the sampled step
+        assert len(calls) == 9  # closing the step reads nothing again
+        calls.clear()
         for _ in range(2):  # steps 1 and 2: not sampled
             assert hook_count(model) == base
             train_step(model, torch.randn(4, 6))
             w.step()
         assert len(calls) == 0
         train_step(model, torch.randn(4, 6))  # step 3 is sampled again
-        assert len(calls) == 7
+        assert len(calls) == 9
     assert hook_count(model) == base
 
 
@@ -208,6 +210,26 @@ def test_gradient_accumulation_merges_every_micro_batch_and_no_grad_passes_are_l
     assert layer.act.mean == pytest.approx(float(union.mean()), abs=1e-7)
     assert layer.act.std == pytest.approx(float(union.std(correction=0)), rel=1e-6)
     assert layer.act.max == pytest.approx(float(union.max()))  # not the 100-valued eval pass
+
+
+def test_weight_figures_are_the_weights_the_step_ran_with_not_the_updated_ones():
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ran_with = []  # the first layer's weight at each forward, taken by our own pre-hook
+    model[0].register_forward_pre_hook(lambda m, a: ran_with.append(m.weight.detach().clone()))
+    with actstats.watch(model, every=1) as w:
+        for step in range(2):
+            for _ in range(2):  # two micro-batches; the weights change only after both
+                model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            w.step()
+            weight = ran_with[2 * step].double()
+            assert torch.equal(ran_with[2 * step], ran_with[2 * step + 1])
+            before = float(weight.std(correction=0))
+            assert w.report().layer("0").weight.std == pytest.approx(before, rel=1e-6)
+            updated = float(model[0].weight.detach().double().std(correction=0))
+            assert abs(updated / before - 1) > 1e-3  # the update moved it: the test tells them apart
 
 
 def test_hooks_are_removed_after_an_exception_and_training_is_unchanged():
