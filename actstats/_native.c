@@ -18,6 +18,8 @@
  *   histogram   -> float32 positions (x - low) * bins / (high - low), truncated,
  *                  clamped to the end bins, non-finite positions dropped; counts
  *                  added to a float64 vector.
+ *   moments_binned -> moments and histogram in one pass: each block is binned while it is
+ *                  in cache (for a histogram whose range is known before the read).
  *   rows_equal  -> are all rows of a [rows, width] matrix equal to the first one?
  *   masked_crc32c -> the checksum of TensorBoard's event records (its own is pure Python,
  *                  about 200 us per KB: more than the histograms it frames).
@@ -25,7 +27,7 @@
  * Arguments are addresses (Tensor.data_ptr()) and sizes; the caller checks dtype,
  * device and layout. The interpreter lock is released while a kernel runs.
  *
- * Threads: moments, sums and histogram split a large tensor among the threads of PyTorch's own
+ * Threads: moments, moments_binned, sums and histogram split a large tensor among the threads of PyTorch's own
  * OpenMP pool, as many as the caller asks (actstats passes torch.get_num_threads()). The pool is
  * found at import by name in the process (PyTorch's Linux wheels load their libgomp globally; the
  * other entry points are taken from the library that holds GOMP_parallel). Threads of our own
@@ -826,8 +828,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "One-pass statistics kernels.", -1, methods};
 
+/* What actstats/native.py expects (KERNELS_VERSION there): raised when a kernel is added or
+ * changes its arguments, so that a build older than the Python code is not used. */
+#define KERNELS_VERSION 2
+
 PyMODINIT_FUNC PyInit__native(void) {
     crc_table_init();
     team_init();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", KERNELS_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -233,7 +233,7 @@ RangeHints = Mapping[str, tuple[tuple[float, float] | None, tuple[float, float] 
 
 
 def _usable_hints(hints: RangeHints, bins: int) -> dict[str, tuple[tuple[float, float] | None, ...]]:
-    """``hints`` as Python floats, with each range :func:`stats.usable_range` refuses (not finite,
+    """``hints`` as Python floats, with each range :func:`stats.usable_ranges` refuses (not finite,
     or too narrow for ``bins`` float32 bins) made None: checked together, once per step."""
     if not bins or not hints:
         return {}
@@ -257,6 +257,10 @@ class Recorder:
         range_hints: histogram ranges from statistics gathered earlier.
         record_no_grad: also record forward passes run without autograd (a
             ``torch.no_grad()`` evaluation); ``watch`` leaves them out.
+        weights: read each recorded parametric module's weights at its first call
+            of a step (:attr:`weights`, for :func:`actstats.weights.weight_figures`).
+        symmetry: the symmetric verdicts of modules checked before (``watch``
+            checks each module once); read, never changed.
 
     Example:
         >>> with Recorder(model) as rec:
@@ -276,8 +280,12 @@ class Recorder:
         histogram_bins: int = 0,
         range_hints: RangeHints | None = None,
         record_no_grad: bool = True,
+        weights: bool = True,
+        symmetry: Mapping[nn.Module, bool] | None = None,
     ) -> None:
         self.root = unwrap(model)
+        self.read_weights = weights
+        self.symmetry = symmetry
         self.backward = backward
         self.eps = eps
         self.record_no_grad = record_no_grad
@@ -316,7 +324,7 @@ class Recorder:
         #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
         self.store = stats.RowStore()
         #: the weights of the recorded parametric modules, read at their first call
-        self.weights = WeightMeasure()
+        self.weights = WeightMeasure(self.symmetry)
         # Which rows belong to what: (row, record index) for outputs, inputs and gradients;
         # rows of the model's own input.
         self._act_rows: list[tuple[int, int]] = []
@@ -358,7 +366,8 @@ class Recorder:
             is_root = module is self.root
             record = is_recorded(module, root=is_root)
             self._handles.append(module.register_forward_pre_hook(
-                self._pre_hook(name, record, is_root, record and is_parametric(module)), with_kwargs=True))
+                self._pre_hook(name, record, is_root, self.read_weights and record and is_parametric(module)),
+                with_kwargs=True))
             # What a recorded module's call tells about the unit dimension of the layers after it.
             channels = True if isinstance(module, _CHANNEL_LAYERS) else False if owns_parameters(module) else None
             activation = module_activation(module) if record else None

@@ -17,14 +17,23 @@ runs on the calling thread): see "Threads" in ``_native.c``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
+
+#: The kernels' ``VERSION`` this code calls (``KERNELS_VERSION`` in ``_native.c``).
+KERNELS_VERSION = 2
 
 try:
     from actstats import _native as kernels
 except ImportError:  # built without a C compiler
     kernels: Any = None
+if kernels is not None and getattr(kernels, "VERSION", 0) != KERNELS_VERSION:
+    warnings.warn("actstats' compiled kernels are older than its Python code (an in-place build not redone); "
+                  "using PyTorch operations instead. Rebuild them: pip install -e . (or python setup.py "
+                  "build_ext --inplace)", RuntimeWarning, stacklevel=2)
+    kernels = None
 
 #: Use the compiled kernels where they apply.
 enabled: bool = kernels is not None and os.environ.get("ACTSTATS_NATIVE", "1") != "0"

@@ -173,6 +173,22 @@ def constant(value: float, device: torch.device, dtype: torch.dtype = torch.floa
 Binning = tuple[tuple[float, float], int, torch.Tensor]
 
 
+def _check_binning(histogram: Binning | None) -> None:
+    """Refuse counts a kernel cannot add to in place (it writes ``bins`` float64 values there)."""
+    if histogram is not None:
+        bounds, bins, counts = histogram
+        if not (isinstance(bounds, tuple) and _float64_cpu(counts) and counts.shape == (bins,)):
+            raise ValueError(f"histogram= needs host bounds and {bins} contiguous float64 CPU counts; got "
+                             f"{type(bounds).__name__} bounds and {counts.dtype} counts of shape "
+                             f"{tuple(counts.shape)} on {counts.device}")
+
+
+def _bin_apart(x: torch.Tensor, histogram: Binning) -> None:
+    """Bin ``x`` into ``histogram``'s counts with :func:`add_histogram` (no kernel read ``x``)."""
+    bounds, bins, counts = histogram
+    add_histogram(counts, x, bounds, bins)  # float64 CPU counts (_check_binning) are added to in place
+
+
 class RowStore:
     """Raw rows of many tensors: 0-d results on their device, stacked into one matrix per step.
 
@@ -260,11 +276,12 @@ class RowStore:
             histogram: ``(bounds, bins, counts)``: also add ``x``'s values to ``counts`` as
                 :func:`add_histogram` does (in the kernel's pass when it reads ``x``).
         """
+        _check_binning(histogram)
         with self._lock:
             xf, readable = _for_reading(x)
             rows = self._write_rows(xf, readable, zeros, saturation, eps, extremes, histogram)
             if histogram is not None and not readable:
-                add_histogram(histogram[2], xf, *histogram[:2])
+                _bin_apart(xf, histogram)
             return rows
 
     def _write_rows(self, xf: torch.Tensor, readable: bool, zeros: bool, saturation: tuple[float, float] | None,
@@ -282,6 +299,7 @@ class RowStore:
         """:meth:`reduce`, and ``maxima`` merged with the largest value per unit of ``x``
         (:func:`merge_unit_maxima`): in the compiled kernel's call when it reads ``x`` (its own
         pass, or a second one in cache for planes smaller than a block)."""
+        _check_binning(histogram)
         with self._lock:
             xf, readable = _for_reading(x)
             view = xf.reshape(1) if xf.dim() == 0 else xf
@@ -296,7 +314,7 @@ class RowStore:
                 return [row], out
             rows = self._write_rows(xf, readable, zeros, saturation, eps, histogram=histogram)
             if histogram is not None and not readable:
-                add_histogram(histogram[2], xf, *histogram[:2])
+                _bin_apart(xf, histogram)
             return rows, merge_unit_maxima(maxima, xf, unit_dim)
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
@@ -416,7 +434,7 @@ class RowStore:
                     row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
                            constant(n, device, torch.int64), zero)
                 else:
-                    shift = part[0]
+                    shift = part[0].clone()  # not a view: the weight may change before the row is read
                     buf = torch.sub(part, shift, out=scratch(part, n))
                     row = (shift, constant(1.0, device, part.dtype), buf.sum(), torch.dot(buf, buf),
                            zero, zero, zero, zero)
@@ -722,15 +740,10 @@ def _float64_cpu(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64 and t.is_cpu and t.is_contiguous()
 
 
-def usable_range(low: float, high: float, bins: int) -> bool:
-    """Whether ``(low, high)`` gives ``bins`` bins of a finite, non-zero width in float32
-    (a float64 range can collapse or overflow there)."""
-    return bool(usable_ranges([low], [high], bins)[0])
-
-
 def usable_ranges(lows: Sequence[float], highs: Sequence[float], bins: int) -> np.ndarray:
-    """:func:`usable_range` of many ranges at once (one numpy pass: a watched step checks the
-    hints of every record when it opens, not one by one in the hooks)."""
+    """Whether each ``(low, high)`` gives ``bins`` bins of a finite, non-zero width in float32 (a
+    float64 range can collapse or overflow there), for many ranges in one numpy pass: a watched
+    step checks the hints of every record when it opens, not one by one in the hooks."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         lo, hi = np.asarray(lows, dtype=np.float32), np.asarray(highs, dtype=np.float32)
         return np.isfinite(lo) & np.isfinite(hi) & (hi > lo) & np.isfinite(np.float32(bins) / (hi - lo))

@@ -196,7 +196,7 @@ class Watch:
         if self.sampled(self._step):
             self._recorder = Recorder(
                 self.root, backward=True, eps=self.eps, histogram_bins=self._bins(),
-                range_hints=self._hints, record_no_grad=False,
+                range_hints=self._hints, record_no_grad=False, symmetry=self._symmetry,
             ).attach()
 
     def _close(self, step: int, recorder: Recorder) -> str | None:

@@ -99,24 +99,42 @@ class WeightMeasure:
     """The weights of parametric modules read into one :class:`stats.RowStore` on their device
     (nothing reaches the host), module by module: the recorder reads a module's weights in
     its forward pre-hook, on its first call of a step, while they are about to be read by
-    the layer itself (in cache then, and the weights that produce the step's activations);
-    :func:`weight_figures` finishes the figures."""
+    the layer itself (in cache then, and the weights that produce the step's activations,
+    before an optimizer changes them); :func:`weight_figures` finishes the figures.
 
-    def __init__(self) -> None:
+    Everything a module's figures need is taken when it is read: its parts' sums, its
+    first value (the shift of its first row, or a copy where that row's shift is a mean),
+    and the symmetric verdict of a module ``known`` does not hold (a 0-d bool on its device).
+    """
+
+    def __init__(self, known: Mapping[nn.Module, bool] | None = None) -> None:
         self.store = stats.RowStore()
         self.owners: list[int] = []  # the part each row of the store belongs to
         self.parts: dict[nn.Module, list[theory.WeightPart]] = {}  # measured modules, in order
         self.n_parts = 0
+        #: verdicts known before (a watch checks each module once), else measured here
+        self.known = known if known is not None else {}
+        self.verdicts: dict[nn.Module, torch.Tensor] = {}
+        #: each module's first row, and a copy of its first value where that row's shift is not
+        self.lead_rows: dict[nn.Module, int] = {}
+        self.firsts: dict[nn.Module, torch.Tensor] = {}
 
     def add(self, module: nn.Module) -> None:
         """Read ``module``'s weight parts (:func:`theory.weight_parts`), unless already read."""
         if module in self.parts:
             return
-        parts = self.parts[module] = theory.weight_parts(module)
         with torch.no_grad():
+            parts = self.parts[module] = theory.weight_parts(module)
             for part in parts:
-                self.owners += [self.n_parts] * len(self.store.moments(part.tensor))
+                rows = self.store.moments(part.tensor)
+                if part is parts[0] and rows:
+                    self.lead_rows[module] = rows[0]
+                    if stats._welford(part.tensor):  # its shift is the mean: keep the value itself
+                        self.firsts[module] = part.tensor.reshape(-1)[0].clone()
+                self.owners += [self.n_parts] * len(rows)
                 self.n_parts += 1
+            if parts and module not in self.known:
+                self.verdicts[module] = _all_units_equal(module, parts)
 
 
 def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module, bool] | None = None,
@@ -129,45 +147,42 @@ def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module,
     rms follow on the device. ``measured`` holds weights read earlier (the
     recorder's, read in the forward pass): modules of ``modules`` it lacks are
     read now, and it gives figures for all its modules. ``symmetry`` gives the symmetric
-    verdict of modules already checked: training cannot make distinct units
+    verdict of modules already checked (when ``measured`` is not given; else its own
+    ``known``): training cannot make distinct units
     identical, nor separate identical ones, so ``watch`` checks each module once.
     Returns the vector (None when there is nothing to measure) and a function
     turning its host copy into ``{module: WeightFigures}``, so that a probe or a
     watched step moves weight figures to the host in the same single transfer as
     its statistics.
     """
-    known = symmetry or {}
-    measure = measured if measured is not None else WeightMeasure()
+    measure = measured if measured is not None else WeightMeasure(symmetry)
     for module in modules:
         measure.add(module)
-    store, owners, n_parts = measure.store, measure.owners, measure.n_parts
-    leads: list[torch.Tensor] = []  # each module's first part, whose first value is reported
-    verdicts: list[torch.Tensor] = []
-    layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = []  # module, parts, known verdict
-    with torch.no_grad():
-        for module, parts in measure.parts.items():
-            if not parts:
-                continue
-            leads.append(parts[0].tensor)
-            if module in known:
-                layout.append((module, parts, bool(known[module])))
-            else:
-                verdicts.append(_all_units_equal(module, parts))
-                layout.append((module, parts, None))
+    store, owners, n_parts, known = measure.store, measure.owners, measure.n_parts, measure.known
+    verdicts = [measure.verdicts[m] for m in measure.parts if m in measure.verdicts]
+    layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = [  # module, parts, known verdict
+        (module, parts, bool(known[module]) if module not in measure.verdicts else None)
+        for module, parts in measure.parts.items() if parts
+    ]
     if not layout:
         return None, lambda host: {}
-    device = leads[0].device
+    device = layout[0][1][0].tensor.device
     final, (owner,) = stats.finalize_store(store, device, owners)  # numpy arrays on the CPU
     n, total, sumsq = stats.sum_by_owner(final, owner, n_parts, [stats.F_N, stats.F_SUM, stats.F_SUMSQ]).T
     on_host = isinstance(final, np.ndarray)
     xp: Any = np if on_host else torch
     std, rms = _std_rms(n, total, sumsq, xp)
-    if on_host and len(store) == n_parts and store.kernel_rows_only():
-        # One kernel row per part, whose shift is the part's first value: no operation per module.
-        lead_rows = np.cumsum([0] + [len(parts) for _, parts, _ in layout[:-1]])  # each module's first part
+    # Each module's first value: the shift of its first row (kernel and shifted rows), a copy where
+    # that shift is a mean (Welford rows), NaN for an empty weight.
+    lead_rows = [measure.lead_rows.get(module) for module, _, _ in layout]
+    if on_host and not measure.firsts and None not in lead_rows:  # no operation per module
         firsts = store.collect(device).numpy()[lead_rows, stats.R_SHIFT]
     else:
-        firsts = stats.join([t.reshape(-1)[0] for t in leads], device, stack=True)
+        shifts = store.collect(device)[:, stats.R_SHIFT]
+        nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+        firsts = stats.join([measure.firsts[m].double() if m in measure.firsts else nan if r is None else shifts[r]
+                             for (m, _, _), r in zip(layout, lead_rows)], device, stack=True)
+        firsts = firsts.numpy() if on_host else firsts
     pieces = [xp.stack([std, rms], 1).reshape(-1), firsts]
     if verdicts:
         pieces.append(stats.join(verdicts, device, stack=True))

@@ -212,24 +212,45 @@ def test_gradient_accumulation_merges_every_micro_batch_and_no_grad_passes_are_l
     assert layer.act.max == pytest.approx(float(union.max()))  # not the 100-valued eval pass
 
 
-def test_weight_figures_are_the_weights_the_step_ran_with_not_the_updated_ones():
-    model = small_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_figures_are_the_weights_the_step_ran_with_not_the_updated_ones(dtype):
+    model = small_model().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ran_with = []  # the first layer's weight at each forward, taken by our own pre-hook
     model[0].register_forward_pre_hook(lambda m, a: ran_with.append(m.weight.detach().clone()))
     with actstats.watch(model, every=1) as w:
         for step in range(2):
             for _ in range(2):  # two micro-batches; the weights change only after both
-                model(torch.randn(8, 6)).pow(2).mean().backward()
+                model(torch.randn(8, 6, dtype=dtype)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             w.step()
             weight = ran_with[2 * step].double()
             assert torch.equal(ran_with[2 * step], ran_with[2 * step + 1])
             before = float(weight.std(correction=0))
-            assert w.report().layer("0").weight.std == pytest.approx(before, rel=1e-6)
+            info = w.report().layer("0").weight
+            assert info.std == pytest.approx(before, rel=1e-6)
+            # predicted_gain = sqrt(fan_in) * rms of the same weights (rms is what a stale shift spoils)
+            assert info.predicted_gain == pytest.approx(math.sqrt(6) * float(weight.pow(2).mean().sqrt()), rel=1e-6)
             updated = float(model[0].weight.detach().double().std(correction=0))
             assert abs(updated / before - 1) > 1e-3  # the update moved it: the test tells them apart
+
+
+def test_the_symmetric_flag_judges_the_weights_the_step_ran_with():
+    # The first layer's units are identical (constant weights, zero biases); the random layer after
+    # it sends each of them a different gradient, so one update makes them differ.
+    model = small_model()
+    nn.init.constant_(model[0].weight, 0.1), nn.init.zeros_(model[0].bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with actstats.watch(model, every=1) as w:
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        opt.step()
+        w.step()
+        rows = model[0].weight.detach()
+        assert not torch.equal(rows, rows[:1].expand_as(rows))  # the update made the units differ
+        symmetric = [f for f in w.report().flags if f.kind == "symmetric"]
+        assert [f.layer for f in symmetric] == ["0"]
+        assert "(every weight 0.1)" in symmetric[0].message and symmetric[0].value == 0.0  # the std it ran with
 
 
 def test_hooks_are_removed_after_an_exception_and_training_is_unchanged():
