@@ -30,7 +30,8 @@ shuffled order) so that machine drift cancels and no method always pays for the
 state its predecessor left; the garbage collector runs between steps, not during
 them (as in ``timeit``), and TensorBoard writers are flushed inside the step that
 wrote; a cell is the method's median (min) over
-plain's median (min), same workload, same run. Peak RSS (``VmHWM``) comes from
+plain's median (min), same workload, same run; a second table gives the median
+of each step's ratio to the plain step of the same repetition (paired). Peak RSS (``VmHWM``) comes from
 a fresh process per method and workload (1 warm-up + 5 steps; ``--no-rss``
 skips it), run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows the
 memory in use, and with sympy imported first: torch imports it (about 30 MB)
@@ -513,6 +514,8 @@ def main() -> None:
         for r in per.values():
             r["ratio"] = r["median"] / per["plain"]["median"]
             r["min_ratio"] = r["min"] / per["plain"]["min"]
+            # each step over the plain step of the same repetition (run within the same second)
+            r["paired_ratio"] = statistics.median(a / b for a, b in zip(r["seconds"], per["plain"]["seconds"]))
 
     scaled = f", batches x{args.batch_scale}" if args.batch_scale > 1 else ""
     print(f"step time / plain on {args.device}{scaled}, median (min) of {args.steps} interleaved steps "
@@ -520,6 +523,9 @@ def main() -> None:
     plain_ms = ["plain median ms", *(f"{summary[w]['plain']['median'] * 1e3:.1f}" for w in workloads)]
     ratio = "{0[ratio]:.2f}x ({0[min_ratio]:.2f}x)".format
     print(markdown(methods, workloads, lambda m, w: ratio(summary[w][m]), plain_ms))
+    print("\npaired: the median of each step's ratio to the plain step of its own repetition (steadier on a "
+          "busy machine: a slow second slows both)\n")
+    print(markdown(methods, workloads, lambda m, w: f"{summary[w][m]['paired_ratio']:.2f}x"))
     rss: dict[str, dict[str, Any]] = {}
     cuda_mb: dict[str, dict[str, float]] = {}
     if args.rss and kind == "cuda":
