@@ -257,8 +257,8 @@ class Recorder:
         range_hints: histogram ranges from statistics gathered earlier.
         record_no_grad: also record forward passes run without autograd (a
             ``torch.no_grad()`` evaluation); ``watch`` leaves them out.
-        weights: read each recorded parametric module's weights at its first call
-            of a step (:attr:`weights`, for :func:`actstats.weights.weight_figures`).
+        read_weights: read each recorded parametric module's weights at its first
+            call of a step (into :attr:`weights`, for :func:`actstats.weights.weight_figures`).
         symmetry: the symmetric verdicts of modules checked before (``watch``
             checks each module once); read, never changed.
 
@@ -280,11 +280,11 @@ class Recorder:
         histogram_bins: int = 0,
         range_hints: RangeHints | None = None,
         record_no_grad: bool = True,
-        weights: bool = True,
+        read_weights: bool = True,
         symmetry: Mapping[nn.Module, bool] | None = None,
     ) -> None:
         self.root = unwrap(model)
-        self.read_weights = weights
+        self.read_weights = read_weights
         self.symmetry = symmetry
         self.backward = backward
         self.eps = eps

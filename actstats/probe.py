@@ -228,7 +228,7 @@ def probe(
 
 def trace_following(root: nn.Module, batch: Any) -> dict[nn.Module, Any]:
     """Run one forward pass (no grad) and map each module to the activation after it."""
-    with Recorder(root, backward=False, weights=False) as recorder, torch.no_grad():
+    with Recorder(root, backward=False, read_weights=False) as recorder, torch.no_grad():
         try:
             inputs_mod.call(root, batch)
         except Exception as err:
