@@ -30,9 +30,9 @@ try:
 except ImportError:  # built without a C compiler
     kernels: Any = None
 if kernels is not None and getattr(kernels, "VERSION", 0) != KERNELS_VERSION:
-    warnings.warn("actstats' compiled kernels are older than its Python code (an in-place build not redone); "
-                  "using PyTorch operations instead. Rebuild them: pip install -e . (or python setup.py "
-                  "build_ext --inplace)", RuntimeWarning, stacklevel=2)
+    warnings.warn("actstats' compiled kernels were built from another version of its code (an in-place build "
+                  "not redone); using PyTorch operations instead. Rebuild them: pip install -e . (or python "
+                  "setup.py build_ext --inplace)", RuntimeWarning, stacklevel=2)
     kernels = None
 
 #: Use the compiled kernels where they apply.

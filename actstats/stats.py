@@ -150,6 +150,13 @@ def _welford(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and (x.device.type != "cpu" or welford_on_cpu)
 
 
+def takes_welford_rows(x: torch.Tensor) -> bool:
+    """Whether :meth:`RowStore.moments` gives ``x`` Welford rows, whose shift is a mean rather than
+    ``x``'s first value: float32, and fp16/bf16 (read as float32), where :func:`_welford` holds
+    (off the CPU; :data:`welford_on_cpu` is a test switch, used with the kernels off)."""
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and (x.device.type != "cpu" or welford_on_cpu)
+
+
 _constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
 

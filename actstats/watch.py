@@ -204,7 +204,8 @@ class Watch:
                         all_reduce=_all_reduce if _distributed() else None, symmetry=self._symmetry)
         if not done.summaries:
             return None
-        self._symmetry.update({module: fig.symmetric for module, fig in done.figures.items()})
+        # Distinct units never become identical; identical ones can separate: only "not symmetric" is kept.
+        self._symmetry.update({module: False for module, fig in done.figures.items() if not fig.symmetric})
         shape = done.input.shape
         self._report = Report(
             model=type(self.root).__name__, device=str(next(iter(self.root.parameters()), torch.empty(0)).device),

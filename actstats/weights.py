@@ -76,9 +76,12 @@ def _units_equal(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _all_units_equal(module: nn.Module, parts: Sequence[theory.WeightPart]) -> torch.Tensor:
-    """A 0-d bool tensor on the weights' device (no synchronisation)."""
+    """A 0-d bool tensor on the weights' device (no synchronisation); False for a module with an
+    empty weight part (no weights: nothing makes its units alike)."""
     verdict = torch.ones((), dtype=torch.bool, device=parts[0].tensor.device)
     for part in parts:
+        if not part.tensor.numel():
+            return torch.zeros((), dtype=torch.bool, device=part.tensor.device)
         w = part.tensor.detach().float()
         if isinstance(module, nn.Embedding):  # units are columns; symmetric when all values are equal
             low, high = torch.aminmax(w)
@@ -129,7 +132,7 @@ class WeightMeasure:
                 rows = self.store.moments(part.tensor)
                 if part is parts[0] and rows:
                     self.lead_rows[module] = rows[0]
-                    if stats._welford(part.tensor):  # its shift is the mean: keep the value itself
+                    if stats.takes_welford_rows(part.tensor):  # its shift is the mean: keep the value itself
                         self.firsts[module] = part.tensor.reshape(-1)[0].clone()
                 self.owners += [self.n_parts] * len(rows)
                 self.n_parts += 1
@@ -148,8 +151,9 @@ def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module,
     recorder's, read in the forward pass): modules of ``modules`` it lacks are
     read now, and it gives figures for all its modules. ``symmetry`` gives the symmetric
     verdict of modules already checked (when ``measured`` is not given; else its own
-    ``known``): training cannot make distinct units
-    identical, nor separate identical ones, so ``watch`` checks each module once.
+    ``known``): training cannot make distinct units identical, so ``watch`` remembers the
+    modules found not symmetric and checks the others again at each sampled step (identical
+    units separate when the layer after them sends them different gradients).
     Returns the vector (None when there is nothing to measure) and a function
     turning its host copy into ``{module: WeightFigures}``, so that a probe or a
     watched step moves weight figures to the host in the same single transfer as

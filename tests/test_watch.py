@@ -251,6 +251,10 @@ def test_the_symmetric_flag_judges_the_weights_the_step_ran_with():
         symmetric = [f for f in w.report().flags if f.kind == "symmetric"]
         assert [f.layer for f in symmetric] == ["0"]
         assert "(every weight 0.1)" in symmetric[0].message and symmetric[0].value == 0.0  # the std it ran with
+        model(torch.randn(8, 6)).pow(2).mean().backward()  # the next step runs with units that differ
+        opt.step()
+        w.step()
+        assert [f for f in w.report().flags if f.kind == "symmetric"] == []
 
 
 def test_hooks_are_removed_after_an_exception_and_training_is_unchanged():

@@ -47,3 +47,27 @@ def test_a_constant_weight_has_zero_std_and_is_symmetric():
     vector, decode = weight_figures([layer])
     (figures,) = decode(vector.numpy()).values()
     assert figures.parts == ((0.0, 0.25),) and figures.first == 0.25 and figures.symmetric is True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_the_first_value_is_the_weights_own_in_every_dtype(dtype):
+    # Identical rows that are not constant: the first value is not the mean (a Welford row's shift).
+    layer = nn.Linear(4, 3).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.0, 0.5, 1.0, 1.5]).expand(3, 4))
+        layer.bias.zero_()
+    vector, decode = weight_figures([layer])
+    (figures,) = decode(vector.numpy()).values()
+    assert figures.first == 0.0 and figures.symmetric is True
+    assert figures.parts[0] == pytest.approx(_figures_of(layer.weight), rel=1e-6)
+
+
+def test_empty_weights_are_measured_without_error_and_are_not_symmetric():
+    torch.manual_seed(0)
+    no_outputs, no_inputs, plain = nn.Linear(3, 0), nn.Linear(0, 3), nn.Linear(3, 3)
+    vector, decode = weight_figures([no_outputs, no_inputs, plain])
+    figures = decode(vector.numpy())
+    assert figures[no_outputs].symmetric is False and figures[no_inputs].symmetric is False
+    assert np.isnan(figures[no_outputs].first) and np.isnan(figures[no_outputs].parts[0][0])
+    assert figures[plain].parts[0] == pytest.approx(_figures_of(plain.weight), rel=1e-6)
+    assert figures[plain].first == float(plain.weight.detach().reshape(-1)[0])
