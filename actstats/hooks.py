@@ -238,6 +238,7 @@ def _usable_hints(hints: RangeHints, bins: int) -> dict[str, tuple[tuple[float, 
     if not bins or not hints:
         return {}
     ranges = [r for pair in hints.values() for r in pair if r is not None]
+    # a numpy array of Python floats' verdicts, read on the host when a step opens (no tensor)
     usable = iter(stats.usable_ranges([r[0] for r in ranges], [r[1] for r in ranges], bins).tolist())
     return {name: tuple((float(r[0]), float(r[1])) if r is not None and next(usable) else None for r in pair)
             for name, pair in hints.items()}
@@ -259,8 +260,8 @@ class Recorder:
             ``torch.no_grad()`` evaluation); ``watch`` leaves them out.
         read_weights: read each recorded parametric module's weights at its first
             call of a step (into :attr:`weights`, for :func:`actstats.weights.weight_figures`).
-        symmetry: the symmetric verdicts of modules checked before (``watch``
-            checks each module once); read, never changed.
+        symmetry: the symmetric verdicts of modules checked before (``watch`` keeps
+            those found not symmetric); read, never changed.
 
     Example:
         >>> with Recorder(model) as rec:
@@ -557,12 +558,8 @@ class Recorder:
             state = RecordState(name, type_name, len(self.records), module_name, activation, unit_dim)
             self.records[name] = state
         binning = None
-        if self.bins:  # with a range known beforehand, a CPU tensor is binned in the moments' pass
-            if state.act_range is None:
-                state.act_range = self.range_hints.get(name, (None, None))[0]
-            if isinstance(state.act_range, tuple) and y.is_cpu:  # a hint (a measured range is a tensor)
-                state.act_hist = self._zero_counts() if state.act_hist is None else state.act_hist
-                binning = (state.act_range, self.bins, state.act_hist)
+        if self.bins:
+            state.act_range, state.act_hist, binning = self._binning(name, 0, state.act_range, state.act_hist, y)
         family = activation.family if activation is not None else None
         if family == "relu":  # also the alive units
             rows, state.unit_max = self.store.reduce_units(y, state.unit_max, state.unit_dim, zeros=True,
@@ -580,16 +577,35 @@ class Recorder:
             self._device = y.device
         # This output's rows, for a later record that receives it unchanged.
         self._seen[id(y)] = (weakref.ref(y), y._version, rows)
-        if self.bins and binning is None:  # off the CPU, or the range measured on the record's first call
-            if state.act_range is None:
-                state.act_range = stats.histogram_range(self.store.extremes(rows, y.device))
-            state.act_hist = stats.add_histogram(state.act_hist, y, state.act_range, self.bins)
+        if self.bins and binning is None:
+            state.act_range, state.act_hist = self._bin_apart(state.act_range, state.act_hist, y, rows)
         if self.backward and y.requires_grad and torch.is_grad_enabled():
             hook = self._grad_hook(state)
             if y.grad_fn is None:  # a leaf (a parameter returned as it is) outlives the step:
                 self._leaf_hooks.append(y.register_hook(hook))  # its hook is removed at the next reset
             else:
                 _hook_graph_output(y, hook)
+
+    def _binning(self, name: str, which: int, bounds: Any, counts: torch.Tensor | None, x: torch.Tensor
+                 ) -> tuple[Any, torch.Tensor | None, stats.Binning | None]:
+        """A record's histogram range and counts for ``x``, its output (``which`` 0) or its gradient
+        (1), and what to bin ``x`` into in the reduction's own pass: with a range known before the
+        read (the record's hint; a range measured on its first call is a tensor) and a CPU
+        tensor; else None, and :meth:`_bin_apart` bins it after the reduction."""
+        if bounds is None:
+            bounds = self.range_hints.get(name, (None, None))[which]
+        if not (isinstance(bounds, tuple) and x.is_cpu):
+            return bounds, counts, None
+        counts = self._zero_counts() if counts is None else counts
+        return bounds, counts, (bounds, self.bins, counts)
+
+    def _bin_apart(self, bounds: Any, counts: torch.Tensor | None, x: torch.Tensor, rows: list[int]
+                   ) -> tuple[Any, torch.Tensor]:
+        """Bin ``x`` after its reduction (off the CPU, or without a range before it: then the
+        min/max of its ``rows``); the range and the counts."""
+        if bounds is None:
+            bounds = stats.histogram_range(self.store.extremes(rows, x.device))
+        return bounds, stats.add_histogram(counts, x, bounds, self.bins)
 
     def _zero_counts(self) -> torch.Tensor:
         """A histogram's zero float64 CPU counts: a row of a block of them (one allocation for
@@ -610,19 +626,14 @@ class Recorder:
                 return
             with torch._C.DisableTorchFunction():
                 binning = None
-                if self.bins:  # as for the output (_observe)
-                    if state.grad_range is None:
-                        state.grad_range = self.range_hints.get(state.name, (None, None))[1]
-                    if isinstance(state.grad_range, tuple) and grad.is_cpu:
-                        state.grad_hist = self._zero_counts() if state.grad_hist is None else state.grad_hist
-                        binning = (state.grad_range, self.bins, state.grad_hist)
+                if self.bins:
+                    state.grad_range, state.grad_hist, binning = self._binning(
+                        state.name, 1, state.grad_range, state.grad_hist, grad)
                 rows = self.store.reduce(grad, extremes=bool(self.bins), histogram=binning)  # extremes: a range
                 state.grad_calls += 1
                 _own(self._grad_rows, rows, state.index)
                 if self.bins and binning is None:
-                    if state.grad_range is None:
-                        state.grad_range = stats.histogram_range(self.store.extremes(rows, grad.device))
-                    state.grad_hist = stats.add_histogram(state.grad_hist, grad, state.grad_range, self.bins)
+                    state.grad_range, state.grad_hist = self._bin_apart(state.grad_range, state.grad_hist, grad, rows)
         return hook
 
     # --- results ---------------------------------------------------------------

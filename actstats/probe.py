@@ -45,12 +45,11 @@ class Concluded:
 
 
 def conclude(recorder: Recorder, root: nn.Module, *, thresholds: Thresholds, eps: float,
-             all_reduce: Any = None, symmetry: Mapping[nn.Module, bool] | None = None) -> Concluded:
+             all_reduce: Any = None) -> Concluded:
     """Merge a recorder's statistics (across processes with ``all_reduce``), bring them and the
     weight figures to the host in one transfer, and diagnose them: shared by probe and watch."""
     named = recorder.modules if recorder.root is root and recorder.modules else modules_by_name(root)
-    vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named), symmetry=symmetry,
-                                    measured=recorder.weights)
+    vector, decode = weight_figures(parametric_modules(recorder.record_modules(), named), measured=recorder.weights)
     summaries = collect(recorder, all_reduce=all_reduce, extra=vector)
     figures = decode(recorder.extra_host) if vector is not None and summaries else {}
     shape, n, sumsq, nonfinite = recorder.input_info()

@@ -144,16 +144,11 @@ def scratch(like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tor
 welford_on_cpu = False
 
 
-def _welford(x: torch.Tensor) -> bool:
-    """Whether ``x`` takes Welford rows (few operations: float32 off the CPU) rather than
-    shifted rows (float64 values can reach :data:`MARK64` on their own)."""
-    return x.dtype == torch.float32 and (x.device.type != "cpu" or welford_on_cpu)
-
-
 def takes_welford_rows(x: torch.Tensor) -> bool:
-    """Whether :meth:`RowStore.moments` gives ``x`` Welford rows, whose shift is a mean rather than
-    ``x``'s first value: float32, and fp16/bf16 (read as float32), where :func:`_welford` holds
-    (off the CPU; :data:`welford_on_cpu` is a test switch, used with the kernels off)."""
+    """Whether a tensor the PyTorch operations reduce takes Welford rows (few operations: float32
+    off the CPU), whose shift is a mean, rather than shifted rows (float64 values can reach
+    :data:`MARK64` on their own). fp16/bf16 count as float32: they are read as float32.
+    :data:`welford_on_cpu` is a test switch, used with the kernels off."""
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and (x.device.type != "cpu" or welford_on_cpu)
 
 
@@ -188,12 +183,6 @@ def _check_binning(histogram: Binning | None) -> None:
             raise ValueError(f"histogram= needs host bounds and {bins} contiguous float64 CPU counts; got "
                              f"{type(bounds).__name__} bounds and {counts.dtype} counts of shape "
                              f"{tuple(counts.shape)} on {counts.device}")
-
-
-def _bin_apart(x: torch.Tensor, histogram: Binning) -> None:
-    """Bin ``x`` into ``histogram``'s counts with :func:`add_histogram` (no kernel read ``x``)."""
-    bounds, bins, counts = histogram
-    add_histogram(counts, x, bounds, bins)  # float64 CPU counts (_check_binning) are added to in place
 
 
 class RowStore:
@@ -285,20 +274,21 @@ class RowStore:
         """
         _check_binning(histogram)
         with self._lock:
-            xf, readable = _for_reading(x)
-            rows = self._write_rows(xf, readable, zeros, saturation, eps, extremes, histogram)
-            if histogram is not None and not readable:
-                _bin_apart(xf, histogram)
-            return rows
+            return self._write_rows(*_for_reading(x), zeros, saturation, eps, extremes, histogram)
 
     def _write_rows(self, xf: torch.Tensor, readable: bool, zeros: bool, saturation: tuple[float, float] | None,
                     eps: float, extremes: bool = True, histogram: Binning | None = None) -> list[int]:
-        """The rows of ``xf`` (:func:`_for_reading`): one kernel row when ``readable`` (binning
-        into ``histogram`` too), else one per chunk (the caller bins)."""
+        """The rows of ``xf`` (:func:`_for_reading`), its values binned into ``histogram`` too: one
+        kernel row when ``readable`` (binning in the same pass), else one per chunk (then
+        :func:`add_histogram`, which adds to float64 CPU counts in place)."""
         if readable:
             return [self._kernel_row(xf, xf.numel(), zeros, saturation, eps, histogram=histogram)] if xf.numel() \
                 else []
-        return [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
+        rows = [self._reduce(part, zeros, saturation, eps, extremes) for part in chunks(xf)]
+        if histogram is not None:
+            bounds, bins, counts = histogram
+            add_histogram(counts, xf, bounds, bins)
+        return rows
 
     def reduce_units(self, x: torch.Tensor, maxima: torch.Tensor | None, unit_dim: int, *, zeros: bool = False,
                      saturation: tuple[float, float] | None = None, eps: float = 0.0,
@@ -320,8 +310,6 @@ class RowStore:
                 row = self._kernel_row(view, view.numel(), zeros, saturation, eps, arguments, histogram)
                 return [row], out
             rows = self._write_rows(xf, readable, zeros, saturation, eps, histogram=histogram)
-            if histogram is not None and not readable:
-                _bin_apart(xf, histogram)
             return rows, merge_unit_maxima(maxima, xf, unit_dim)
 
     def _kernel_row(self, x: torch.Tensor, n: int, zeros: bool, saturation: tuple[float, float] | None,
@@ -363,7 +351,7 @@ class RowStore:
         """One chunk's row: a Welford row off the CPU, a shifted row on it (see the class docstring)."""
         n, device = flat.numel(), flat.device
         zero = constant(0.0, device, flat.dtype)  # each column keeps one dtype: see _stack_rows
-        if _welford(flat):
+        if takes_welford_rows(flat):
             blind = not extremes
             low, high = (zero, zero) if blind else torch.aminmax(flat)
             wide = scratch(flat, n, torch.float64).copy_(flat).nan_to_num_(MARK64, MARK64, MARK64)
@@ -436,7 +424,7 @@ class RowStore:
             for part in chunks(xf):
                 n, device = part.numel(), part.device
                 zero = constant(0.0, device, part.dtype)
-                if _welford(part):
+                if takes_welford_rows(part):
                     squares, mean = torch.var_mean(scratch(part, n, torch.float64).copy_(part), correction=n - 1)
                     row = (mean, constant(WELFORD, device), constant(0.0, device), squares, zero, zero,
                            constant(n, device, torch.int64), zero)

@@ -201,7 +201,7 @@ class Watch:
 
     def _close(self, step: int, recorder: Recorder) -> str | None:
         done = conclude(recorder, self.root, thresholds=self.thresholds, eps=self.eps,
-                        all_reduce=_all_reduce if _distributed() else None, symmetry=self._symmetry)
+                        all_reduce=_all_reduce if _distributed() else None)
         if not done.summaries:
             return None
         # Distinct units never become identical; identical ones can separate: only "not symmetric" is kept.

@@ -115,7 +115,7 @@ class WeightMeasure:
         self.owners: list[int] = []  # the part each row of the store belongs to
         self.parts: dict[nn.Module, list[theory.WeightPart]] = {}  # measured modules, in order
         self.n_parts = 0
-        #: verdicts known before (a watch checks each module once), else measured here
+        #: verdicts known before (a watch keeps the modules found not symmetric), else measured here
         self.known = known if known is not None else {}
         self.verdicts: dict[nn.Module, torch.Tensor] = {}
         #: each module's first row, and a copy of its first value where that row's shift is not
@@ -140,7 +140,7 @@ class WeightMeasure:
                 self.verdicts[module] = _all_units_equal(module, parts)
 
 
-def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module, bool] | None = None,
+def weight_figures(modules: Sequence[nn.Module], *,
                    measured: WeightMeasure | None = None) -> tuple[torch.Tensor | None, Any]:
     """Measure the weights of ``modules`` on their device into one float64 vector.
 
@@ -149,9 +149,8 @@ def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module,
     exact for a constant weight), finalized together; the population std and
     rms follow on the device. ``measured`` holds weights read earlier (the
     recorder's, read in the forward pass): modules of ``modules`` it lacks are
-    read now, and it gives figures for all its modules. ``symmetry`` gives the symmetric
-    verdict of modules already checked (when ``measured`` is not given; else its own
-    ``known``): training cannot make distinct units identical, so ``watch`` remembers the
+    read now, and it gives figures for all its modules. Its ``known`` verdicts skip the
+    symmetry check: training cannot make distinct units identical, so ``watch`` remembers the
     modules found not symmetric and checks the others again at each sampled step (identical
     units separate when the layer after them sends them different gradients).
     Returns the vector (None when there is nothing to measure) and a function
@@ -159,7 +158,7 @@ def weight_figures(modules: Sequence[nn.Module], *, symmetry: Mapping[nn.Module,
     watched step moves weight figures to the host in the same single transfer as
     its statistics.
     """
-    measure = measured if measured is not None else WeightMeasure(symmetry)
+    measure = measured if measured is not None else WeightMeasure()
     for module in modules:
         measure.add(module)
     store, owners, n_parts, known = measure.store, measure.owners, measure.n_parts, measure.known
