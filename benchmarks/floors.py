@@ -15,14 +15,18 @@ run within a second of each other):
 * ``kernel_hooks``: the same, but the forward hook and the tensor hook hand
   their tensor to actstats' compiled kernel (one read, the moments actstats
   records) with the least Python possible: no record, no name, no state.
+* ``kernel_weights``: ``kernel_hooks``, and a forward pre-hook on every
+  parametric layer that hands each of its weight parts to the kernel actstats
+  reads weights with (float64 sums, one pass), once per step: everything a
+  sampled step must read, read with the least Python.
 * ``actstats_hooks``: a sampled step of ``actstats.watch(every=1)`` without its
   ``w.step()``, which is timed apart (``w.step``, in ms: merge, transfer,
   weights, diagnosis, report).
 * ``actstats_step``: both together, as ``actstats_stats`` in ``overhead.py``.
 
 The differences between consecutive lines are what each layer of the design
-costs: hooking at all, reading every activation and gradient once, actstats'
-bookkeeping in the hooks (records, names, input rows, functional activations,
+costs: hooking at all, reading every activation and gradient once, reading
+the weights once, actstats' bookkeeping in the hooks (records, names, input rows, functional activations,
 in-place safety), and ``w.step()``.
 """
 
@@ -39,10 +43,10 @@ from typing import Any
 import torch
 
 import actstats
-from actstats import native, stats
+from actstats import native, stats, theory
 from overhead import build, forward_backward
 
-METHODS = ("plain", "empty_hooks", "kernel_hooks", "actstats_hooks", "actstats_step")
+METHODS = ("plain", "empty_hooks", "kernel_hooks", "kernel_weights", "actstats_hooks", "actstats_step")
 
 
 class _KernelHooks:
@@ -52,6 +56,7 @@ class _KernelHooks:
         self.rows = torch.zeros(1 << 12, stats.RAW_WIDTH, dtype=torch.float64)  # one row per read, reused
         self.address = self.rows.data_ptr()
         self.next = 0
+        self.seen: set[torch.nn.Module] = set()  # modules whose weights this step has read
 
     def read(self, x: torch.Tensor, zeros: bool) -> None:
         row, self.next = self.next, (self.next + 1) % self.rows.shape[0]
@@ -69,6 +74,19 @@ class _KernelHooks:
                 out.register_hook(self.gradient)
 
 
+    def weights(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        """A parametric layer's weight parts, read once per step (``seen`` is cleared between steps)."""
+        if module in self.seen:
+            return
+        self.seen.add(module)
+        threads = torch.get_num_threads()
+        for part in theory.weight_parts(module):
+            w = part.tensor
+            if w.numel() and native.row_major_float32_cpu(w):
+                row, self.next = self.next, (self.next + 1) % self.rows.shape[0]
+                native.kernels.sums(w.data_ptr(), w.numel(), self.address + row * stats.RAW_WIDTH * 8, threads)
+
+
 def _nothing(*args: Any) -> None:
     return None
 
@@ -78,10 +96,11 @@ def _empty_output_hook(module: torch.nn.Module, args: Any, kwargs: Any, out: Any
         out.register_hook(_nothing)
 
 
-def _hook_leaves(model: torch.nn.Module, output_hook: Any) -> None:
+def _hook_leaves(model: torch.nn.Module, output_hook: Any, weights: Any = None) -> None:
     for module in model.modules():
         if next(module.children(), None) is None:
-            module.register_forward_pre_hook(_nothing, with_kwargs=True)
+            reads = weights is not None and theory.is_parametric(module)
+            module.register_forward_pre_hook(weights if reads else _nothing, with_kwargs=True)
             module.register_forward_hook(output_hook, with_kwargs=True)
 
 
@@ -99,6 +118,8 @@ def main() -> None:
     models = {name: copy.deepcopy(base) for name in METHODS}
     _hook_leaves(models["empty_hooks"], _empty_output_hook)
     _hook_leaves(models["kernel_hooks"], _KernelHooks().output)
+    weight_reader = _KernelHooks()
+    _hook_leaves(models["kernel_weights"], weight_reader.output, weight_reader.weights)
     watches = {name: actstats.watch(models[name], every=1).__enter__() for name in ("actstats_hooks", "actstats_step")}
     seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     step_alone: list[float] = []
@@ -109,6 +130,7 @@ def main() -> None:
             shuffle(order)
             for name in order:
                 gc.collect()
+                weight_reader.seen.clear()
                 start = clock()
                 forward_backward(models[name], x)
                 backward_done = clock()
