@@ -23,7 +23,10 @@ own deep copy of the model:
   ``histograms=True`` and TensorBoard events. ``actstats_nonfinite``: with
   ``raise_on=("nonfinite",)``.
 * ``actstats_probe``: one ``actstats.probe(model, x, batches=1)`` call.
-* ``fastai_activationstats``: fastai's ``ActivationStats`` hook, if fastai is installed.
+* ``fastai_activationstats``: fastai's ``ActivationStats`` hook (forward only: mean,
+  std and near-zero fraction with ``.item()``) on the modules its callback picks
+  (leaves with parameters), if fastai is installed; ``fastai_activationstats_hist``
+  the same with ``with_hist=True`` (a 40-bin ``histc`` per output).
 
 Repetitions are interleaved (every method once per repetition, in a seeded
 shuffled order) so that machine drift cancels and no method always pays for the
@@ -254,17 +257,28 @@ def actstats_probe(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStac
     return lambda: actstats.probe(model, x, batches=1)
 
 
-def fastai_activationstats(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStack, tmp: str) -> Step:
-    from fastai.callback.hook import ActivationStats, Hooks
+def _fastai(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStack, with_hist: bool) -> Step:
+    from fastai.callback.hook import ActivationStats, Hooks, has_params
+    from fastai.layers import flatten_model
 
-    modules = [m for m in model.modules() if next(m.parameters(False), None) is not None]  # fastai's default
-    stack.callback(Hooks(modules, ActivationStats(with_hist=True).hook, detach=True, cpu=True).remove)
+    modules = [m for m in flatten_model(model) if has_params(m)]  # as HookCallback.before_fit picks them
+    hook = ActivationStats(with_hist=with_hist).hook
+    stack.callback(Hooks(modules, hook, is_forward=True, detach=True, cpu=True).remove)  # HookCallback's defaults
     return lambda: forward_backward(model, x)
+
+
+def fastai_activationstats(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStack, tmp: str) -> Step:
+    return _fastai(model, x, stack, with_hist=False)
+
+
+def fastai_activationstats_hist(model: nn.Module, x: torch.Tensor, stack: contextlib.ExitStack, tmp: str) -> Step:
+    return _fastai(model, x, stack, with_hist=True)
 
 
 METHODS: dict[str, Callable[[nn.Module, torch.Tensor, contextlib.ExitStack, str], Step]] = {
     f.__name__: f for f in (plain, handwritten, handwritten_tb, actstats_unsampled, actstats_stats,
-                            actstats_hist, actstats_nonfinite, actstats_probe, fastai_activationstats)
+                            actstats_hist, actstats_nonfinite, actstats_probe, fastai_activationstats,
+                            fastai_activationstats_hist)
 }
 
 
@@ -501,9 +515,10 @@ def main() -> None:
     workloads = parse_list(args.workloads, list(WORKLOADS), "workload")
     methods = parse_list(args.methods or ",".join(METHODS), list(METHODS), "method")
     notes = []
-    if "fastai_activationstats" in methods and importlib.util.find_spec("fastai") is None:
-        methods.remove("fastai_activationstats")
-        notes.append("fastai is not installed: fastai_activationstats skipped")
+    fastai = [m for m in methods if m.startswith("fastai_")]
+    if fastai and importlib.util.find_spec("fastai") is None:
+        methods = [m for m in methods if m not in fastai]
+        notes.append(f"fastai is not installed: {', '.join(fastai)} skipped")
     if "plain" not in methods:
         methods.insert(0, "plain")  # every ratio is to plain
     times = {w: time_interleaved(w, methods, args.steps, args.warmup, args.device, args.batch_scale)
