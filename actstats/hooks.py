@@ -594,7 +594,7 @@ class Recorder:
         tensor; else None, and :meth:`_bin_apart` bins it after the reduction."""
         if bounds is None:
             bounds = self.range_hints.get(name, (None, None))[which]
-        if not (isinstance(bounds, tuple) and x.is_cpu):
+        if not (isinstance(bounds, tuple) and x.is_cpu and stats.bins_in_reduction_on_cpu):
             return bounds, counts, None
         counts = self._zero_counts() if counts is None else counts
         return bounds, counts, (bounds, self.bins, counts)

@@ -152,6 +152,12 @@ def takes_welford_rows(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and (x.device.type != "cpu" or welford_on_cpu)
 
 
+#: A CPU tensor whose histogram range is known before its read is binned by its reduction (in
+#: the kernel's pass, or right after it, into float64 CPU counts). Unset, CPU tensors are binned
+#: apart, into counts on their device, as CUDA tensors are: a switch for the tests and for
+#: ``benchmarks/launches.py``, which count a CUDA step's operations on the CPU.
+bins_in_reduction_on_cpu = True
+
 _constants: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
 

@@ -17,8 +17,10 @@ run within a second of each other):
   records) with the least Python possible: no record, no name, no state.
 * ``kernel_weights``: ``kernel_hooks``, and a forward pre-hook on every
   parametric layer that hands each of its weight parts to the kernel actstats
-  reads weights with (float64 sums, one pass), once per step: everything a
-  sampled step must read, read with the least Python.
+  reads weights with (float64 sums, one pass), once per step: on the cnn and
+  the mlp everything a sampled step must read, read with the least Python (on
+  the transformer the leaves' hooks miss the attention's tuple outputs and
+  the functional ReLUs, 8 of actstats' 36 records).
 * ``actstats_hooks``: a sampled step of ``actstats.watch(every=1)`` without its
   ``w.step()``, which is timed apart (``w.step``, in ms: merge, transfer,
   weights, diagnosis, report).
@@ -26,8 +28,8 @@ run within a second of each other):
 
 The differences between consecutive lines are what each layer of the design
 costs: hooking at all, reading every activation and gradient once, reading
-the weights once, actstats' bookkeeping in the hooks (records, names, input rows, functional activations,
-in-place safety), and ``w.step()``.
+the weights once, actstats' bookkeeping in the hooks (records, names, input
+rows, functional activations, in-place safety), and ``w.step()``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ class _KernelHooks:
             if out.requires_grad:
                 out.register_hook(self.gradient)
 
-
     def weights(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         """A parametric layer's weight parts, read once per step (``seen`` is cleared between steps)."""
         if module in self.seen:
@@ -97,10 +98,14 @@ def _empty_output_hook(module: torch.nn.Module, args: Any, kwargs: Any, out: Any
 
 
 def _hook_leaves(model: torch.nn.Module, output_hook: Any, weights: Any = None) -> None:
+    """Hooks on every leaf; with ``weights``, its pre-hook on every parametric module instead, leaf
+    or not (``nn.MultiheadAttention`` owns weights and has a child, as actstats reads it)."""
     for module in model.modules():
-        if next(module.children(), None) is None:
-            reads = weights is not None and theory.is_parametric(module)
+        leaf = next(module.children(), None) is None
+        reads = weights is not None and theory.is_parametric(module)
+        if leaf or reads:
             module.register_forward_pre_hook(weights if reads else _nothing, with_kwargs=True)
+        if leaf:
             module.register_forward_hook(output_hook, with_kwargs=True)
 
 

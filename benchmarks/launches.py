@@ -18,7 +18,8 @@ metadata left out), for:
 * the same two with histograms.
 
 Each figure is one step after three sampled steps of warm-up (constants and
-scratch buffers already on the device, as in a training loop).
+scratch buffers already on the device, as in a training loop), with the
+gradients cleared before it, as before the plain step (no accumulation).
 """
 
 from __future__ import annotations
@@ -36,19 +37,20 @@ from overhead import WORKLOADS, build, forward_backward
 
 
 class CountOperations(TorchDispatchMode):
-    """Count ATen operations that launch work on a device (views and metadata left out)."""
+    """Count ATen operations that launch work on a device (views and metadata left out, by name)."""
 
-    VIEWS = ("view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze", "expand", "detach",
-             "alias", "split", "unbind", "t.default", "transpose", "permute")
+    VIEWS = frozenset(("view", "_unsafe_view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze",
+                       "expand", "detach", "alias", "split", "split_with_sizes", "unbind", "t", "transpose",
+                       "permute"))
 
     def __init__(self) -> None:
         super().__init__()
         self.names: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = str(func)
-        if not any(view in name for view in self.VIEWS):
-            self.names.append(name.split(".")[1])
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.names.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -57,6 +59,7 @@ def take_the_device_path() -> None:
     native.enabled = False
     stats.welford_on_cpu = True
     stats.host_merge_on_cpu = False
+    stats.bins_in_reduction_on_cpu = False
     stats._bin_counts = stats.count_by_histc
     stats.CHUNK = stats.DEVICE_CHUNK
 
@@ -71,6 +74,7 @@ def count(workload: str, histograms: bool) -> tuple[int, int, int, Counter[str]]
         for _ in range(3):
             forward_backward(model, x)
             w.step()
+        model.zero_grad(set_to_none=True)  # as before the plain step: no gradient to accumulate into
         with CountOperations() as hooks:
             forward_backward(model, x)
         with CountOperations() as step:

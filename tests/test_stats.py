@@ -480,17 +480,18 @@ def test_float64_values_beyond_float32_count_their_non_finite_values(values):
 class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
     """Count ATen operations that launch work on a device (views and metadata left out)."""
 
-    VIEWS = ("view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze", "expand", "detach",
-             "alias", "split", "unbind", "t.default", "transpose", "permute")
+    VIEWS = frozenset(("view", "_unsafe_view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze",
+                       "expand", "detach", "alias", "split", "split_with_sizes", "unbind", "t", "transpose",
+                       "permute"))  # whole names: "t" must not leave out cat or sqrt
 
     def __init__(self):
         super().__init__()
         self.names: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if not any(v in name for v in self.VIEWS):
-            self.names.append(name.split(".")[1])
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.names.append(name)
         return func(*args, **(kwargs or {}))
 
 

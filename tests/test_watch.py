@@ -97,7 +97,10 @@ class _WithConstantOutput(nn.Module):
         return y, self.const(y)
 
 
-def test_histograms_bin_each_step_over_the_previous_steps_range_unless_it_is_unusable():
+@pytest.mark.parametrize("in_reduction", [True, False], ids=["binned-in-the-reduction", "binned-apart"])
+def test_histograms_bin_each_step_over_the_previous_steps_range_unless_it_is_unusable(monkeypatch, in_reduction):
+    # binned apart: as a CUDA tensor is, into counts of its own after the reduction
+    monkeypatch.setattr(stats, "bins_in_reduction_on_cpu", in_reduction)
     torch.manual_seed(0)
     model = _WithConstantOutput()
     seen = {}  # record name -> [output, gradient] of the latest step, taken by our own hooks
