@@ -591,7 +591,8 @@ class Recorder:
         """A record's histogram range and counts for ``x``, its output (``which`` 0) or its gradient
         (1), and what to bin ``x`` into in the reduction's own pass: with a range known before the
         read (the record's hint; a range measured on its first call is a tensor) and a CPU
-        tensor; else None, and :meth:`_bin_apart` bins it after the reduction."""
+        tensor (unless :data:`stats.bins_in_reduction_on_cpu` is off); else None, and
+        :meth:`_bin_apart` bins it after the reduction."""
         if bounds is None:
             bounds = self.range_hints.get(name, (None, None))[which]
         if not (isinstance(bounds, tuple) and x.is_cpu and stats.bins_in_reduction_on_cpu):

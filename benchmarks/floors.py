@@ -18,9 +18,11 @@ run within a second of each other):
 * ``kernel_weights``: ``kernel_hooks``, and a forward pre-hook on every
   parametric layer that hands each of its weight parts to the kernel actstats
   reads weights with (float64 sums, one pass), once per step: on the cnn and
-  the mlp everything a sampled step must read, read with the least Python (on
-  the transformer the leaves' hooks miss the attention's tuple outputs and
-  the functional ReLUs, 8 of actstats' 36 records).
+  the mlp every activation, gradient and weight a sampled step reads (not
+  the inputs it reads where no layer produced them: 10 per cnn step), read
+  with the least Python (on the transformer the leaves' hooks miss the
+  attention's tuple outputs and the functional ReLUs, 8 of actstats' 36
+  records).
 * ``actstats_hooks``: a sampled step of ``actstats.watch(every=1)`` without its
   ``w.step()``, which is timed apart (``w.step``, in ms: merge, transfer,
   weights, diagnosis, report).

@@ -8,13 +8,15 @@ step costs there is, first of all, how many operations it launches. This
 script needs no GPU. It runs the operations actstats runs on a CUDA tensor
 on the CPU (the compiled kernels off, Welford rows, the merge on the device,
 histograms counted by ``histc``, chunks of the device's size) and counts,
-with a ``TorchDispatchMode``, the ATen operations that launch work (views and
-metadata left out), for:
+with a ``TorchDispatchMode``, the ATen operations that launch work (views,
+metadata and allocations left out; host-device copies, which do nothing on the
+CPU, are not seen), for:
 
 * ``plain``: a forward + backward of the workload, as in ``overhead.py``;
 * ``hooks``: the same step sampled by ``actstats.watch(every=1)``, without
   its ``w.step()``: what actstats adds in the forward and backward pass;
-* ``w.step``: the ``w.step()`` that closes it (the merge, the one transfer);
+* ``w.step``: the ``w.step()`` that closes it (the merge; its one transfer is
+  not seen);
 * the same two with histograms.
 
 Each figure is one step after three sampled steps of warm-up (constants and
@@ -37,11 +39,12 @@ from overhead import WORKLOADS, build, forward_backward
 
 
 class CountOperations(TorchDispatchMode):
-    """Count ATen operations that launch work on a device (views and metadata left out, by name)."""
+    """Count ATen operations that launch work on a device: views, metadata and allocations
+    left out, by name. Host-device copies are not seen (on the CPU they do nothing)."""
 
     VIEWS = frozenset(("view", "_unsafe_view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze",
                        "expand", "detach", "alias", "split", "split_with_sizes", "unbind", "t", "transpose",
-                       "permute"))
+                       "permute", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh"))
 
     def __init__(self) -> None:
         super().__init__()
