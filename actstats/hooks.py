@@ -42,7 +42,7 @@ import dataclasses
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,8 +260,8 @@ class Recorder:
             ``torch.no_grad()`` evaluation); ``watch`` leaves them out.
         read_weights: read each recorded parametric module's weights at its first
             call of a step (into :attr:`weights`, for :func:`actstats.weights.weight_figures`).
-        symmetry: the symmetric verdicts of modules checked before (``watch`` keeps
-            those found not symmetric); read, never changed.
+        not_symmetric: modules found not symmetric before (``watch`` keeps them): their
+            symmetry is not checked again; read, never changed.
 
     Example:
         >>> with Recorder(model) as rec:
@@ -282,11 +282,11 @@ class Recorder:
         range_hints: RangeHints | None = None,
         record_no_grad: bool = True,
         read_weights: bool = True,
-        symmetry: Mapping[nn.Module, bool] | None = None,
+        not_symmetric: Collection[nn.Module] = (),
     ) -> None:
         self.root = unwrap(model)
         self.read_weights = read_weights
-        self.symmetry = symmetry
+        self.not_symmetric = not_symmetric
         self.backward = backward
         self.eps = eps
         self.record_no_grad = record_no_grad
@@ -325,7 +325,7 @@ class Recorder:
         #: every tensor reduced on this recorder, one raw row per (chunk of a) tensor
         self.store = stats.RowStore()
         #: the weights of the recorded parametric modules, read at their first call
-        self.weights = WeightMeasure(self.symmetry)
+        self.weights = WeightMeasure(self.not_symmetric)
         # Which rows belong to what: (row, record index) for outputs, inputs and gradients;
         # rows of the model's own input.
         self._act_rows: list[tuple[int, int]] = []

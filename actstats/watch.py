@@ -107,7 +107,7 @@ class Watch:
         self._recorder: Recorder | None = None
         self._report: Report | None = None
         self._hints: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
-        self._symmetry: dict[nn.Module, bool] = {}
+        self._not_symmetric: set[nn.Module] = set()  # modules a sampled step found not symmetric
         self._step = 0
         self._entered = False
 
@@ -196,7 +196,7 @@ class Watch:
         if self.sampled(self._step):
             self._recorder = Recorder(
                 self.root, backward=True, eps=self.eps, histogram_bins=self._bins(),
-                range_hints=self._hints, record_no_grad=False, symmetry=self._symmetry,
+                range_hints=self._hints, record_no_grad=False, not_symmetric=self._not_symmetric,
             ).attach()
 
     def _close(self, step: int, recorder: Recorder) -> str | None:
@@ -205,7 +205,7 @@ class Watch:
         if not done.summaries:
             return None
         # Distinct units never become identical; identical ones can separate: only "not symmetric" is kept.
-        self._symmetry.update({module: False for module, fig in done.figures.items() if not fig.symmetric})
+        self._not_symmetric.update(module for module, fig in done.figures.items() if not fig.symmetric)
         shape = done.input.shape
         self._report = Report(
             model=type(self.root).__name__, device=str(next(iter(self.root.parameters()), torch.empty(0)).device),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,16 +107,16 @@ class WeightMeasure:
 
     Everything a module's figures need is taken when it is read: its parts' sums, its
     first value (the shift of its first row, or a copy where that row's shift is a mean),
-    and the symmetric verdict of a module ``known`` does not hold (a 0-d bool on its device).
+    and the symmetric verdict of a module not in ``not_symmetric`` (a 0-d bool on its device).
     """
 
-    def __init__(self, known: Mapping[nn.Module, bool] | None = None) -> None:
+    def __init__(self, not_symmetric: Collection[nn.Module] = ()) -> None:
         self.store = stats.RowStore()
         self.owners: list[int] = []  # the part each row of the store belongs to
         self.parts: dict[nn.Module, list[theory.WeightPart]] = {}  # measured modules, in order
         self.n_parts = 0
-        #: verdicts known before (a watch keeps the modules found not symmetric), else measured here
-        self.known = known if known is not None else {}
+        #: modules found not symmetric before (a watch keeps them); the others' verdicts are measured here
+        self.not_symmetric = not_symmetric
         self.verdicts: dict[nn.Module, torch.Tensor] = {}
         #: each module's first row, and a copy of its first value where that row's shift is not
         self.lead_rows: dict[nn.Module, int] = {}
@@ -136,7 +136,7 @@ class WeightMeasure:
                         self.firsts[module] = part.tensor.reshape(-1)[0].clone()
                 self.owners += [self.n_parts] * len(rows)
                 self.n_parts += 1
-            if parts and module not in self.known:
+            if parts and module not in self.not_symmetric:
                 self.verdicts[module] = _all_units_equal(module, parts)
 
 
@@ -149,10 +149,11 @@ def weight_figures(modules: Sequence[nn.Module], *,
     exact for a constant weight), finalized together; the population std and
     rms follow on the device. ``measured`` holds weights read earlier (the
     recorder's, read in the forward pass): modules of ``modules`` it lacks are
-    read now, and it gives figures for all its modules. Its ``known`` verdicts skip the
-    symmetry check: training cannot make distinct units identical, so ``watch`` remembers the
-    modules found not symmetric and checks the others again at each sampled step (identical
-    units separate when the layer after them sends them different gradients).
+    read now, and it gives figures for all its modules. Its ``not_symmetric``
+    modules skip the symmetry check: training cannot make distinct units
+    identical, so ``watch`` remembers the modules found not symmetric and checks
+    the others again at each sampled step (identical units separate when the
+    layer after them sends them different gradients).
     Returns the vector (None when there is nothing to measure) and a function
     turning its host copy into ``{module: WeightFigures}``, so that a probe or a
     watched step moves weight figures to the host in the same single transfer as
@@ -161,10 +162,10 @@ def weight_figures(modules: Sequence[nn.Module], *,
     measure = measured if measured is not None else WeightMeasure()
     for module in modules:
         measure.add(module)
-    store, owners, n_parts, known = measure.store, measure.owners, measure.n_parts, measure.known
+    store, owners, n_parts = measure.store, measure.owners, measure.n_parts
     verdicts = [measure.verdicts[m] for m in measure.parts if m in measure.verdicts]
-    layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = [  # module, parts, known verdict
-        (module, parts, bool(known[module]) if module not in measure.verdicts else None)
+    layout: list[tuple[nn.Module, list[theory.WeightPart], bool | None]] = [  # module, parts, verdict if known
+        (module, parts, None if module in measure.verdicts else False)
         for module, parts in measure.parts.items() if parts
     ]
     if not layout:

@@ -1,12 +1,17 @@
 """Streaming statistics: partials on the device, exact merge on the host."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from actstats import native, stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from launches import CountOperations  # noqa: E402  (the counter benchmarks/launches.py reports with)
 
 # every test here runs on each reduction path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("reduction_path")
@@ -477,24 +482,6 @@ def test_float64_values_beyond_float32_count_their_non_finite_values(values):
     assert rows[:, stats.F_NONFINITE].tolist() == [expected, expected]
 
 
-class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
-    """Count ATen operations that launch work on a device (views and metadata left out)."""
-
-    VIEWS = frozenset(("view", "_unsafe_view", "reshape", "slice", "select", "as_strided", "unsqueeze", "squeeze",
-                       "expand", "detach", "alias", "split", "split_with_sizes", "unbind", "t", "transpose",
-                       "permute"))  # whole names: "t" must not leave out cat or sqrt
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
-            self.names.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_cuda_path_launches_few_operations(monkeypatch):
     """What a GPU step's cost rests on (launches, not values): five operations per activation,
     three per gradient without histograms, two per weight, six per histogram chunk with a
@@ -515,14 +502,14 @@ def test_the_cuda_path_launches_few_operations(monkeypatch):
         (lambda: stats.add_histogram(None, x, (-1.0, 1.0), 16),
          ["sub", "mul_", "nan_to_num_", "clamp_", "floor_", "histc"]),
     ]:
-        with _CountOperations() as counted:
+        with CountOperations() as counted:
             call()
         assert counted.names == expected
     for n_rows in (10, 200):
         rows = stats.RowStore()
         for _ in range(n_rows):
             rows.reduce(x, zeros=True)
-        with _CountOperations() as counted:
+        with CountOperations() as counted:
             rows.collect(torch.device("cpu"))
         assert len(counted.names) <= 2 * stats.RAW_WIDTH + 2, counted.names
 
