@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,14 +58,15 @@ class CountOperations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def take_the_device_path() -> None:
-    """Make actstats run on the CPU the operations it runs on a CUDA tensor."""
-    native.enabled = False
-    stats.welford_on_cpu = True
-    stats.host_merge_on_cpu = False
-    stats.bins_in_reduction_on_cpu = False
-    stats._bin_counts = stats.count_by_histc
-    stats.CHUNK = stats.DEVICE_CHUNK
+def take_the_device_path(set_value: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Make actstats run on the CPU the operations it runs on a CUDA tensor (``set_value``: how
+    to set each switch; the tests pass ``monkeypatch.setattr``, which undoes them)."""
+    set_value(native, "enabled", False)
+    set_value(stats, "welford_on_cpu", True)
+    set_value(stats, "host_merge_on_cpu", False)
+    set_value(stats, "bins_in_reduction_on_cpu", False)
+    set_value(stats, "_bin_counts", stats.count_by_histc)
+    set_value(stats, "CHUNK", stats.DEVICE_CHUNK)
 
 
 def count(workload: str, histograms: bool) -> tuple[int, int, int, Counter[str]]:

@@ -11,7 +11,7 @@ import torch
 from actstats import native, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from launches import CountOperations  # noqa: E402  (the counter benchmarks/launches.py reports with)
+from launches import CountOperations, take_the_device_path  # noqa: E402  (what benchmarks/launches.py counts with)
 
 # every test here runs on each reduction path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("reduction_path")
@@ -486,11 +486,9 @@ def test_the_cuda_path_launches_few_operations(monkeypatch):
     """What a GPU step's cost rests on (launches, not values): five operations per activation,
     three per gradient without histograms, two per weight, six per histogram chunk with a
     range hint, and a fixed number per block of rows, whatever their count."""
-    monkeypatch.setattr(native, "enabled", False)
-    monkeypatch.setattr(stats, "welford_on_cpu", True)
+    take_the_device_path(monkeypatch.setattr)  # what a CUDA tensor takes, as benchmarks/launches.py counts it
     x = torch.randn(4, 8, 16)
     store = stats.RowStore()
-    monkeypatch.setattr(stats, "_bin_counts", stats.count_by_histc)  # what a CUDA device takes
     store.reduce(x, zeros=True)  # warm the constants and scratch buffers, as a previous step would have
     store.reduce(x, extremes=False)
     store.moments(x)
