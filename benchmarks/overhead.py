@@ -32,9 +32,9 @@ Repetitions are interleaved (every method once per repetition, in a seeded
 shuffled order) so that machine drift cancels and no method always pays for the
 state its predecessor left; the garbage collector runs between steps, not during
 them (as in ``timeit``), and TensorBoard writers are flushed inside the step that
-wrote; a cell is the method's median (min) over
-plain's median (min), same workload, same run; a second table gives the median
-of each step's ratio to the plain step of the same repetition (paired). Peak RSS (``VmHWM``) comes from
+wrote; a cell is the method's median (min) over plain's median (min), same
+workload, same run; a second table gives the median of each step's ratio to
+the plain step of the same repetition (paired). Peak RSS (``VmHWM``) comes from
 a fresh process per method and workload (1 warm-up + 5 steps; ``--no-rss``
 skips it), run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows the
 memory in use, and with sympy imported first: torch imports it (about 30 MB)
